@@ -1,0 +1,37 @@
+"""The safetensors bundle: weights, their config, and the manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.plan_safetensors import plan_safetensors
+from mmconvert.formats.bundle import BundleDir, write_manifest
+from mmconvert.formats.safetensors_writer import write_safetensors
+
+
+def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "source",
+                       dtype: str = "auto", max_shard_bytes: int = 5 * 10**9,
+                       force: bool = False, progress: bool | None = None) -> list[str]:
+    """Write the safetensors bundle to ``out``; return the files written."""
+    plan = plan_safetensors(model, naming, dtype)
+    with BundleDir(out, force) as tmp:
+        files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
+                                  progress=progress)
+        # the source's config travels along so the folder loads back like the original
+        if (model.source / "config.json").is_file():
+            shutil.copyfile(model.source / "config.json", tmp / "config.json")
+            files.append("config.json")
+        write_manifest(tmp, kind="safetensors", model=model,
+                       options={"naming": naming, "dtype": dtype, "max_shard_bytes": max_shard_bytes},
+                       transforms=plan.transforms_applied(),
+                       extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors}})
+    return files + ["mmconvert.json"]
+
+
+def load_bundle_names(folder: Path) -> dict[str, str]:
+    """Output name -> canonical name, from a safetensors bundle's manifest."""
+    manifest = json.loads((Path(folder) / "mmconvert.json").read_text(encoding="utf-8"))
+    return dict(manifest["tensors"])

@@ -1,0 +1,192 @@
+"""The canonical model: what every reader produces and every writer and the verifier consume.
+
+Canonical tensor names
+----------------------
+Language model: the Hugging Face Qwen3 names, e.g. ``model.embed_tokens.weight``,
+``model.layers.{i}.self_attn.q_proj.weight``, ``model.layers.{i}.mlp.gate_proj.weight``,
+``model.norm.weight`` and ``lm_head.weight`` (absent when the embeddings are tied).
+
+Projectors: ``mm.{modality}.{layer}.{weight|bias}`` where ``layer`` is the ``name`` of a
+:class:`ProjectorLayer` of that modality's :class:`ProjectorSpec` (``fc1``, ``norm1``, ``fc2``,
+``norm2`` for the seed's MLP). A projector is an ordered list of layers so that the reference
+forward pass, the HF remote code and the projector GGUF all interpret the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmconvert.convert.tensors import TensorTable
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "tanh", "silu")
+DEFAULT_MULTIMODAL_TOKEN = "<|multimodal|>"
+
+
+@dataclass
+class TextSpec:
+    """Qwen3 text hyper-parameters, read from the Qwen3 ``config.json``."""
+
+    vocab_size: int  # embedding rows actually present in the weights
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    torch_dtype: str = "bfloat16"
+    # "neox" (rotate-half, what HF Qwen3 and llama.cpp use) or "interleaved" (pairs)
+    rope_layout: str = "neox"
+    config_vocab_size: int | None = None  # vocab_size as the config says it
+    raw_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class ProjectorLayer:
+    """One step of a projector. ``kind``: linear | layer_norm | act."""
+
+    kind: str
+    name: str
+    in_dim: int
+    out_dim: int
+    activation: str | None = None  # for kind == "act"
+    eps: float | None = None  # for kind == "layer_norm"
+    bias: bool = True
+
+
+@dataclass
+class ProjectorSpec:
+    """The MLP that maps one modality's precomputed embeddings into the LM's hidden size."""
+
+    modality: str
+    input_dim: int
+    hidden_dim: int
+    output_dim: int
+    activation: str
+    layer_norm: bool
+    layers: list[ProjectorLayer]
+    layer_norm_eps: float = 1e-5
+    dropout: float = 0.0  # identity at inference; kept for the record
+
+    def tensor_names(self) -> list[str]:
+        names = []
+        for layer in self.layers:
+            if layer.kind == "act":
+                continue
+            names.append(f"mm.{self.modality}.{layer.name}.weight")
+            if layer.bias:
+                names.append(f"mm.{self.modality}.{layer.name}.bias")
+        return names
+
+
+@dataclass
+class SpecialIds:
+    """Resolved special token ids: ordered, de-duplicated; the first is the primary."""
+
+    bos: list[int] = field(default_factory=list)
+    eos: list[int] = field(default_factory=list)
+    pad: list[int] = field(default_factory=list)
+    # where each value came from: kind -> [(file, value as written)]
+    provenance: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.bos[0] if self.bos else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos[0] if self.eos else None
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.pad[0] if self.pad else None
+
+
+@dataclass
+class TokenizerSpec:
+    """The tokenizer files of the checkpoint (or its base), with the facts writers need."""
+
+    directory: Path
+    files: list[str]  # file names inside ``directory`` to carry into bundles
+    size: int  # len(tokenizer): base vocab + added tokens
+    added_tokens: list[dict[str, Any]]  # {id, content, special}
+    chat_template: str | None
+    tokenizer_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class CanonicalModel:
+    """A multimodal Qwen3 checkpoint, as one dialect-free description plus a lazy tensor table."""
+
+    dialect: str
+    source: Path
+    text: TextSpec
+    projectors: dict[str, ProjectorSpec]
+    tokenizer: TokenizerSpec
+    special: SpecialIds
+    tensors: TensorTable
+    multimodal_token: str = DEFAULT_MULTIMODAL_TOKEN
+    multimodal_token_id: int | None = None
+    fusion_strategy: str = "early"
+    max_multimodal_length: int | None = None
+    base_model_name: str | None = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    source_files: list[Path] = field(default_factory=list)
+    source_files_from: dict[str, str] = field(default_factory=dict)  # role -> file
+    mm_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tied(self) -> bool:
+        return "lm_head.weight" not in self.tensors
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready description (what ``mmconvert inspect --json`` prints)."""
+        text = asdict(self.text)
+        text.pop("raw_config")
+        dtypes: dict[str, int] = {}
+        for ref in self.tensors.refs():
+            dtypes[ref.dtype] = dtypes.get(ref.dtype, 0) + 1
+        lm_params = sum(r.numel for r in self.tensors.refs() if not r.name.startswith("mm."))
+        return {
+            "dialect": self.dialect,
+            "source": str(self.source),
+            "base_model_name": self.base_model_name,
+            "text": text,
+            "modalities": {
+                name: {
+                    "input_dim": p.input_dim,
+                    "hidden_dim": p.hidden_dim,
+                    "output_dim": p.output_dim,
+                    "activation": p.activation,
+                    "layer_norm": p.layer_norm,
+                    "layers": [asdict(layer) for layer in p.layers],
+                    "parameters": sum(self.tensors[n].numel for n in p.tensor_names()),
+                }
+                for name, p in self.projectors.items()
+            },
+            "multimodal_token": self.multimodal_token,
+            "multimodal_token_id": self.multimodal_token_id,
+            "fusion_strategy": self.fusion_strategy,
+            "vocab": {"embedding_rows": self.text.vocab_size, "tokenizer_size": self.tokenizer.size,
+                      "config_vocab_size": self.text.config_vocab_size},
+            "special_ids": {
+                "bos": self.special.bos, "eos": self.special.eos, "pad": self.special.pad,
+                "provenance": {k: [list(x) for x in v] for k, v in self.special.provenance.items()},
+            },
+            "tied_embeddings": self.tied,
+            "dtypes": dtypes,
+            "parameters": {"language_model": lm_params,
+                           "projectors": self.tensors.total_params() - lm_params},
+            "tensors": len(self.tensors),
+            "files": {role: path for role, path in self.source_files_from.items()},
+            "warnings": list(self.warnings),
+        }

@@ -1,0 +1,146 @@
+"""Build a CanonicalModel from parts that every dialect shares once its names are mapped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmconvert.convert.errors import CheckpointError
+from mmconvert.convert.model import DEFAULT_MULTIMODAL_TOKEN, CanonicalModel, ProjectorSpec
+from mmconvert.convert.readers.common import (
+    check_lm_tensors,
+    hub_cache_snapshot,
+    load_json,
+    load_tokenizer_spec,
+    parse_activation,
+    resolve_ids,
+    seed_projector_spec,
+    text_spec_from_config,
+)
+from mmconvert.convert.tensors import TensorRef, TensorTable
+
+
+def find_base_dir(mm_config: dict[str, Any], base: Path | None) -> Path | None:
+    """``--base`` when given, else a local Hub-cache snapshot of ``base_model_name``."""
+    if base is not None:
+        if not (base / "config.json").is_file():
+            raise CheckpointError(f"{base}: --base folder has no config.json")
+        return base
+    name = mm_config.get("base_model_name")
+    if isinstance(name, str):
+        if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+            return Path(name)
+        return hub_cache_snapshot(name)
+    return None
+
+
+def text_config_for(source: Path, mm_config: dict[str, Any], base_dir: Path | None
+                    ) -> tuple[dict[str, Any], str]:
+    """The Qwen3 config: embedded ``text_config``, else the base model's ``config.json``."""
+    embedded = mm_config.get("text_config")
+    if isinstance(embedded, dict) and embedded:
+        return embedded, f"{source / 'config.json'}#text_config"
+    if base_dir is None:
+        raise CheckpointError(
+            f"{source}: config.json embeds no text_config and base model "
+            f"{mm_config.get('base_model_name')!r} is not available locally; pass --base DIR "
+            "(a Qwen3 folder with config.json and tokenizer files)")
+    return load_json(base_dir / "config.json", "base config"), str(base_dir / "config.json")
+
+
+def seed_projectors(mm_config: dict[str, Any], hidden: int, where: str) -> dict[str, ProjectorSpec]:
+    modalities = mm_config.get("modality_configs")
+    if not isinstance(modalities, dict) or not modalities:
+        raise CheckpointError(f"{where}: modality_configs is missing or empty")
+    activation = parse_activation(mm_config.get("projector_hidden_act"), where)
+    layer_norm = bool(mm_config.get("use_layer_norm", True))
+    dropout = float(mm_config.get("projector_dropout", 0.0) or 0.0)
+    return {name: seed_projector_spec(name, m or {}, hidden, activation, layer_norm, dropout, where)
+            for name, m in modalities.items()}
+
+
+def assemble(*, dialect: str, source: Path, mm_config: dict[str, Any], text_config: dict[str, Any],
+             text_where: str, lm: dict[str, TensorRef], projectors: dict[str, ProjectorSpec],
+             projector_refs: list[TensorRef], base_dir: Path | None, weight_files: list[Path],
+             rope_layout: str | None, warnings: list[str]) -> CanonicalModel:
+    text = text_spec_from_config(text_config, text_where)
+    if "lm_head.weight" in lm and text.tie_word_embeddings:
+        warnings.append("config says tie_word_embeddings but lm_head.weight is present: kept untied")
+    if "lm_head.weight" not in lm and not text.tie_word_embeddings:
+        warnings.append("lm_head.weight absent: embeddings treated as tied")
+    emb = lm.get("model.embed_tokens.weight")
+    if emb is not None:
+        text.vocab_size = int(emb.shape[0])
+    check_lm_tensors(text, lm, str(source))
+    text.tie_word_embeddings = "lm_head.weight" not in lm
+    if rope_layout:
+        text.rope_layout = rope_layout
+    elif mm_config.get("rope_layout") or text_config.get("rope_layout"):
+        text.rope_layout = str(mm_config.get("rope_layout") or text_config.get("rope_layout"))
+    if text.rope_layout not in ("neox", "interleaved"):
+        raise CheckpointError(f"{source}: rope_layout {text.rope_layout!r} is not neox or interleaved")
+
+    files_from: dict[str, str] = {"config": str(source / "config.json"), "text_config": text_where}
+    tok_dir = source if (source / "tokenizer.json").is_file() else base_dir
+    if tok_dir is None:
+        raise CheckpointError(f"{source}: missing tokenizer (tokenizer.json); save the tokenizer "
+                              "beside the checkpoint or pass --base DIR")
+    tokenizer, vocab = load_tokenizer_spec(tok_dir)
+    files_from["tokenizer"] = str(tok_dir / "tokenizer.json")
+    if text.vocab_size < tokenizer.size:
+        raise CheckpointError(
+            f"{source}: the embedding has {text.vocab_size} rows but the tokenizer has "
+            f"{tokenizer.size} tokens; resize the embeddings (model.resize_token_embeddings) "
+            "before exporting")
+    if text.vocab_size > tokenizer.size:
+        warnings.append(f"embedding has {text.vocab_size} rows for {tokenizer.size} tokenizer "
+                        f"tokens: rows {tokenizer.size}..{text.vocab_size - 1} are padding")
+
+    gen_path = next((d / "generation_config.json" for d in (source, base_dir)
+                     if d is not None and (d / "generation_config.json").is_file()), None)
+    generation = load_json(gen_path, "generation config") if gen_path else {}
+    if gen_path:
+        files_from["generation_config"] = str(gen_path)
+    configs = [(text_where, text_config), (str(source / "config.json"), mm_config)]
+    special = resolve_ids(configs, (str(gen_path), generation) if gen_path else None,
+                          tokenizer, vocab)
+    if not special.eos:
+        warnings.append("no eos token id found in any config or the tokenizer")
+
+    token = str(mm_config.get("multimodal_token") or DEFAULT_MULTIMODAL_TOKEN)
+    token_id = vocab.get(token)
+    if token_id is None:
+        warnings.append(f"multimodal token {token!r} is not in the tokenizer: embeddings can "
+                        "only be prepended")
+
+    table = TensorTable()
+    for ref in list(lm.values()) + projector_refs:
+        table.add(ref)
+    ordered = TensorTable({n: table[n] for n in _canonical_order(table, projectors)})
+    return CanonicalModel(
+        dialect=dialect, source=source, text=text, projectors=projectors, tokenizer=tokenizer,
+        special=special, tensors=ordered, multimodal_token=token, multimodal_token_id=token_id,
+        fusion_strategy=str(mm_config.get("fusion_strategy") or "early"),
+        max_multimodal_length=mm_config.get("max_multimodal_length"),
+        base_model_name=mm_config.get("base_model_name"), generation_config=generation,
+        source_files=weight_files, source_files_from=files_from, mm_config=mm_config,
+        warnings=warnings)
+
+
+def _canonical_order(table: TensorTable, projectors: dict[str, ProjectorSpec]) -> list[str]:
+    """LM tensors in layer order (numerically), then projectors in modality/layer order."""
+    import re
+
+    def key(name: str):
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+        if name == "model.embed_tokens.weight":
+            return (0, 0, "")
+        if m:
+            return (1, int(m.group(1)), m.group(2))
+        if name.startswith("mm."):
+            return (3, 0, "")
+        return (2, 0, name)
+
+    lm = sorted((n for n in table if not n.startswith("mm.")), key=key)
+    mm = [n for p in projectors.values() for n in p.tensor_names()]
+    return lm + mm

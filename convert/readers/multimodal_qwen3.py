@@ -1,0 +1,74 @@
+"""The reference layout: what ``MultimodalQwen3Model.save_pretrained()`` writes.
+
+``config.json`` with ``model_type: multimodal_qwen3``; weights named
+``language_model.model.*``, ``language_model.lm_head.weight`` and
+``multimodal_projector.projectors.<modality>.<index>.{weight,bias}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmconvert.convert.errors import CheckpointError
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.readers import ReadOptions, register
+from mmconvert.convert.readers.assemble import (
+    assemble,
+    find_base_dir,
+    seed_projectors,
+    text_config_for,
+)
+from mmconvert.convert.readers.common import (
+    find_weight_files,
+    load_json,
+    open_weight_files,
+    projector_tensors,
+)
+
+LM_PREFIX = "language_model."
+PROJECTOR_PREFIX = "multimodal_projector.projectors."
+
+
+class MultimodalQwen3Reader:
+    name = "multimodal_qwen3"
+    description = "config.json model_type multimodal_qwen3 (MultimodalQwen3Model.save_pretrained)"
+
+    def detect(self, path: Path, options: ReadOptions) -> bool:
+        return load_json(path / "config.json", "config").get("model_type") == "multimodal_qwen3"
+
+    def read(self, path: Path, options: ReadOptions) -> CanonicalModel:
+        mm_config = load_json(path / "config.json", "config")
+        warnings: list[str] = []
+        if (path / "training_state.pt").exists():
+            warnings.append("training_state.pt ignored (optimizer state; never unpickled)")
+        base_dir = find_base_dir(mm_config, options.base)
+        text_config, text_where = text_config_for(path, mm_config, base_dir)
+        files = find_weight_files(path)
+        if not files:
+            raise CheckpointError(f"{path}: no weights (model.safetensors[.index.json] or "
+                                  "pytorch_model.bin[.index.json])")
+        sources = open_weight_files(files)
+        lm = {}
+        for name, ref in sources.items():
+            if name.startswith(LM_PREFIX):
+                lm[name[len(LM_PREFIX):]] = ref.renamed(name[len(LM_PREFIX):])
+            elif not name.startswith(PROJECTOR_PREFIX):
+                raise CheckpointError(f"{path}: tensor {name!r} belongs to neither the language "
+                                      "model nor the projectors")
+        hidden = int(text_config.get("hidden_size", 0))
+        projectors = seed_projectors(mm_config, hidden, str(path / "config.json"))
+        proj_refs = []
+        for modality, spec in projectors.items():
+            proj_refs += projector_tensors(spec, sources, f"{PROJECTOR_PREFIX}{modality}.", str(path))
+        known = {r.source_name for r in proj_refs}
+        stray = sorted(n for n in sources if n.startswith(PROJECTOR_PREFIX) and n not in known)
+        if stray:
+            raise CheckpointError(f"{path}: projector tensors for modalities not in "
+                                  f"modality_configs: {', '.join(stray[:3])}")
+        return assemble(dialect=self.name, source=path, mm_config=mm_config,
+                        text_config=text_config, text_where=text_where, lm=lm,
+                        projectors=projectors, projector_refs=proj_refs, base_dir=base_dir,
+                        weight_files=files, rope_layout=options.rope_layout, warnings=warnings)
+
+
+register(MultimodalQwen3Reader())

@@ -1,0 +1,138 @@
+"""The canonical tensor table: canonical name -> a lazy reference to the bytes.
+
+Readers fill it; the plan and every writer and the verifier read from it. Nothing is loaded
+until :meth:`TensorRef.read` is called, and file-backed tensors can be read a few rows at a
+time (:meth:`TensorRef.read_rows`) so that even the embedding matrix streams in slices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from mmconvert.formats.dtypes import itemsize
+from mmconvert.formats.safetensors_io import SafetensorsEntry, read_entry
+
+Loader = Callable[[tuple[int, int] | None], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of the canonical model, not yet read.
+
+    ``source_name`` and ``source_file`` say where it came from (for ``--naming source``,
+    ``inspect`` and error messages); ``derivation`` lists what was done to the source tensor to
+    obtain the canonical one (empty for a plain file-backed tensor).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source_name: str
+    source_file: Path | None
+    loader: Loader = field(repr=False, compare=False)
+    derivation: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> np.ndarray:
+        """The whole tensor as a numpy storage array (BF16 as uint16 bit patterns)."""
+        return self.loader(None)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the leading axis, reading only those bytes when file-backed."""
+        return self.loader((start, stop))
+
+    def derive(self, name: str, step: str, fn: Callable[[np.ndarray], np.ndarray],
+               shape: tuple[int, ...], dtype: str | None = None) -> TensorRef:
+        """A new lazy tensor computed from this one by the pure function ``fn``."""
+        parent = self
+
+        def load(rows: tuple[int, int] | None) -> np.ndarray:
+            out = fn(parent.read())
+            return out if rows is None else out[rows[0]:rows[1]]
+
+        return replace(self, name=name, shape=tuple(shape), dtype=dtype or self.dtype,
+                       loader=load, derivation=(*self.derivation, step))
+
+    def renamed(self, name: str) -> TensorRef:
+        return replace(self, name=name)
+
+
+def file_tensor(name: str, entry: SafetensorsEntry) -> TensorRef:
+    """A canonical tensor backed by a safetensors entry (row-range reads supported)."""
+
+    def load(rows: tuple[int, int] | None) -> np.ndarray:
+        return read_entry(entry, rows)
+
+    return TensorRef(name, entry.dtype, entry.shape, entry.name, entry.path, load)
+
+
+def array_tensor(name: str, source_name: str, source_file: Path | None,
+                 get: Callable[[], tuple[np.ndarray, str]], shape: tuple[int, ...],
+                 dtype: str) -> TensorRef:
+    """A canonical tensor whose bytes come from ``get()`` (e.g. an mmap'd torch pickle)."""
+
+    def load(rows: tuple[int, int] | None) -> np.ndarray:
+        data, _ = get()
+        return data if rows is None else data[rows[0]:rows[1]]
+
+    return TensorRef(name, dtype, tuple(shape), source_name, source_file, load)
+
+
+class TensorTable:
+    """An ordered mapping of canonical name -> :class:`TensorRef`."""
+
+    def __init__(self, refs: dict[str, TensorRef] | None = None):
+        self._refs: dict[str, TensorRef] = dict(refs or {})
+
+    def __getitem__(self, name: str) -> TensorRef:
+        return self._refs[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._refs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def get(self, name: str) -> TensorRef | None:
+        return self._refs.get(name)
+
+    def add(self, ref: TensorRef) -> None:
+        if ref.name in self._refs:
+            raise KeyError(f"duplicate canonical tensor {ref.name}")
+        self._refs[ref.name] = ref
+
+    def replace(self, ref: TensorRef) -> None:
+        self._refs[ref.name] = ref
+
+    def remove(self, name: str) -> TensorRef:
+        return self._refs.pop(name)
+
+    def refs(self) -> list[TensorRef]:
+        return list(self._refs.values())
+
+    def names(self) -> list[str]:
+        return list(self._refs)
+
+    def with_prefix(self, prefix: str) -> list[TensorRef]:
+        return [r for n, r in self._refs.items() if n.startswith(prefix)]
+
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self._refs.values())
+
+    def total_params(self) -> int:
+        return sum(r.numel for r in self._refs.values())

@@ -1,0 +1,114 @@
+"""A sharded safetensors writer that streams: layout first, then tensor data in parallel.
+
+Files are named as ``transformers`` does (``model.safetensors``, or
+``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``), and readable by
+the ``safetensors`` library and ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from mmconvert.convert.plan import PlannedTensor
+from mmconvert.formats.dtypes import STORAGE_DTYPES, convert
+from mmconvert.formats.streaming import Progress, TensorWrite, write_tensors
+
+ALIGN = 8  # data section starts 8-byte aligned, like the safetensors library
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 10**3, "M": 10**6,
+             "G": 10**9, "B": 1}
+    unit = next((u for u in units if s.endswith(u)), "")
+    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
+    try:
+        value = float(number)
+    except ValueError as exc:
+        raise ValueError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)") from exc
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(value * factor)
+
+
+def shard_groups(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy, order-preserving split into shards of at most ``max_shard_bytes`` (a tensor larger
+    than that gets a shard of its own)."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    return groups
+
+
+def _header(group: list[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offsets = []
+    pos = 0
+    for t in group:
+        nbytes = math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        offsets.append(pos)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    return raw, offsets
+
+
+def _encoder(src: str, dst: str):
+    def encode(data):
+        return convert(data, src, dst)
+    return encode
+
+
+def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_bytes: int,
+                      metadata: dict[str, str] | None = None, stem: str = "model",
+                      progress: bool | None = None) -> list[str]:
+    """Write ``tensors`` into ``folder``; return the file names written (index included)."""
+    metadata = {"format": "pt", **(metadata or {})}
+    groups = shard_groups(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    total = sum(t.source.nbytes for t in tensors)
+    bar = Progress(total, f"writing {folder.name or 'safetensors'}", progress)
+    try:
+        for name, group in zip(names, groups):
+            raw, offsets = _header(group, metadata)
+            data_start = 8 + len(raw)
+            size = data_start + sum(math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+                                    for t in group)
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                jobs = [TensorWrite(t.source, data_start + off,
+                                    math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize,
+                                    _encoder(t.source.dtype, t.dtype))
+                        for t, off in zip(group, offsets)]
+                write_tensors(fd, jobs, bar)
+            finally:
+                os.close(fd)
+    finally:
+        bar.close()
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+                                                for t in tensors)},
+                 "weight_map": {t.name: n for n, g in zip(names, groups) for t in g}}
+        (folder / f"{stem}.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        names.append(f"{stem}.safetensors.index.json")
+    return names

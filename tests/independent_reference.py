@@ -1,0 +1,96 @@
+"""An independent reference of the seed's model, written from the checkpoint's semantics.
+
+It reads the checkpoint files directly (safetensors or a weights-only pickle), builds the
+projectors as the seed's ``nn.Sequential`` (Linear, [LayerNorm], act, Dropout, Linear,
+[LayerNorm]) and runs transformers' Qwen3ForCausalLM in fp32. It shares no code with
+mmconvert's readers or its verify reference, so a bug there cannot hide here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (ckpt / index).is_file():
+            files = sorted(set(json.loads((ckpt / index).read_text())["weight_map"].values()))
+            break
+    else:
+        files = ["model.safetensors"] if (ckpt / "model.safetensors").is_file() else ["pytorch_model.bin"]
+    for f in files:
+        if f.endswith(".safetensors"):
+            state.update(load_file(str(ckpt / f)))
+        else:
+            state.update(torch.load(ckpt / f, weights_only=True))
+    return state
+
+
+class SeedModel(nn.Module):
+    def __init__(self, ckpt: Path, base: Path | None = None):
+        super().__init__()
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        text = cfg.get("text_config") or json.loads(((base or Path(cfg["base_model_name"])) /
+                                                     "config.json").read_text())
+        text = {k: v for k, v in text.items() if k not in ("architectures", "model_type")}
+        qcfg = Qwen3Config(**text)
+        qcfg._attn_implementation = "eager"
+        state = {k: v.float() for k, v in _state_dict(ckpt).items()}
+        self.lm = Qwen3ForCausalLM(qcfg).float()
+        lm_state = {k[len("language_model."):]: v for k, v in state.items()
+                    if k.startswith("language_model.")}
+        if "lm_head.weight" not in lm_state:
+            lm_state["lm_head.weight"] = lm_state["model.embed_tokens.weight"]
+        self.lm.load_state_dict(lm_state, strict=True)
+        hidden = qcfg.hidden_size
+        self.projectors = nn.ModuleDict()
+        act = ACTS[cfg.get("projector_hidden_act", "gelu")]
+        for name, m in cfg["modality_configs"].items():
+            mid = m.get("hidden_dim") or hidden
+            if cfg.get("use_layer_norm", True):
+                seq = nn.Sequential(nn.Linear(m["input_dim"], mid), nn.LayerNorm(mid), act(),
+                                    nn.Dropout(cfg.get("projector_dropout", 0.0)),
+                                    nn.Linear(mid, hidden), nn.LayerNorm(hidden))
+            else:
+                seq = nn.Sequential(nn.Linear(m["input_dim"], mid), act(),
+                                    nn.Dropout(cfg.get("projector_dropout", 0.0)),
+                                    nn.Linear(mid, hidden))
+            prefix = f"multimodal_projector.projectors.{name}."
+            seq.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            self.projectors[name] = seq
+        tok = json.loads((ckpt / "tokenizer.json").read_text()) if (ckpt / "tokenizer.json").is_file() \
+            else json.loads(((base or Path(cfg["base_model_name"])) / "tokenizer.json").read_text())
+        token = cfg.get("multimodal_token", "<|multimodal|>")
+        self.placeholder_id = next(t["id"] for t in tok["added_tokens"] if t["content"] == token)
+        self.eval()
+
+    @torch.no_grad()
+    def logits(self, input_ids: list[int], mm: dict[str, list[torch.Tensor]] | None = None
+               ) -> torch.Tensor:
+        rows = []
+        for name in self.projectors:
+            for item in (mm or {}).get(name, []):
+                x = item.float().reshape(-1, item.shape[-1])
+                rows.append(self.projectors[name](x))
+        ids = list(input_ids)
+        n_ph = sum(1 for t in ids if t == self.placeholder_id)
+        if rows and n_ph == 0:
+            ids = [self.placeholder_id] * sum(r.shape[0] for r in rows) + ids
+        emb = self.lm.model.embed_tokens(torch.tensor([ids]))
+        if rows:
+            proj = torch.cat(rows)
+            pos = [i for i, t in enumerate(ids) if t == self.placeholder_id]
+            assert len(pos) == proj.shape[0], "one placeholder per projected row"
+            emb[0, pos] = proj
+        return self.lm(inputs_embeds=emb, use_cache=False).logits[0]
