@@ -20,15 +20,28 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
     with BundleDir(out, force) as tmp:
         files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
                                   progress=progress)
-        # the source's config travels along so the folder loads back like the original
-        if (model.source / "config.json").is_file():
-            shutil.copyfile(model.source / "config.json", tmp / "config.json")
-            files.append("config.json")
+        files += copy_side_files(model, tmp, with_config=naming == "source")
         write_manifest(tmp, kind="safetensors", model=model,
                        options={"naming": naming, "dtype": dtype, "max_shard_bytes": max_shard_bytes},
                        transforms=plan.transforms_applied(),
                        extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors}})
     return files + ["mmconvert.json"]
+
+
+def copy_side_files(model: CanonicalModel, folder: Path, with_config: bool) -> list[str]:
+    """Tokenizer files and generation config (and, with source naming, the source's config.json)
+    so that a source-named bundle is a drop-in replacement of the checkpoint folder."""
+    copied = []
+    sources = [(model.tokenizer.directory / f, f) for f in model.tokenizer.files]
+    gen = model.source_files_from.get("generation_config")
+    if gen:
+        sources.append((Path(gen), "generation_config.json"))
+    if with_config and (model.source / "config.json").is_file():
+        sources.append((model.source / "config.json", "config.json"))
+    for src, name in sources:
+        shutil.copyfile(src, folder / name)
+        copied.append(name)
+    return copied
 
 
 def load_bundle_names(folder: Path) -> dict[str, str]:
