@@ -65,6 +65,17 @@ class TensorRef:
         return replace(self, name=name, shape=tuple(shape), dtype=dtype or self.dtype,
                        loader=load, derivation=(*self.derivation, step))
 
+    def row_slice(self, name: str, step: str, start: int, stop: int) -> TensorRef:
+        """Rows ``start:stop`` as a tensor of its own, still read lazily by row ranges."""
+        parent = self
+
+        def load(rows: tuple[int, int] | None) -> np.ndarray:
+            lo, hi = (start, stop) if rows is None else (start + rows[0], start + rows[1])
+            return parent.read_rows(lo, hi)
+
+        return replace(self, name=name, shape=(stop - start, *self.shape[1:]), loader=load,
+                       derivation=(*self.derivation, step))
+
     def renamed(self, name: str) -> TensorRef:
         return replace(self, name=name)
 

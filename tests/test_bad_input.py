@@ -52,7 +52,7 @@ def _shrink_embeddings(state):
 CASES = {
     "missing config": (lambda c: (c / "config.json").unlink(), "missing config.json"),
     "unparsable config": (lambda c: (c / "config.json").write_text("{nope"), "cannot parse"),
-    "unknown model_type": (lambda c: _edit_config(c, lambda x: x.update(model_type="llava")),
+    "unknown model_type": (lambda c: _edit_config(c, lambda x: x.update(model_type="whisper")),
                            "Supported: multimodal_qwen3"),
     "missing tensor": (lambda c: _edit_weights(c, _drop("language_model.model.layers.1.mlp.up_proj.weight")),
                        "missing against the config"),

@@ -24,6 +24,7 @@ from mmconvert.convert.readers.common import (
     open_weight_files,
     projector_tensors,
 )
+from mmconvert.convert.readers.names import split_fused_gate_up, unwrap_names
 
 LM_PREFIX = "language_model."
 PROJECTOR_PREFIX = "multimodal_projector.projectors."
@@ -47,7 +48,9 @@ class MultimodalQwen3Reader:
         if not files:
             raise CheckpointError(f"{path}: no weights (model.safetensors[.index.json] or "
                                   "pytorch_model.bin[.index.json])")
-        sources = open_weight_files(files)
+        sources, stripped = unwrap_names(open_weight_files(files), (LM_PREFIX, PROJECTOR_PREFIX))
+        if stripped:
+            warnings.append(f"stripped training-wrapper prefixes {', '.join(stripped)} from tensor names")
         lm = {}
         for name, ref in sources.items():
             if name.startswith(LM_PREFIX):
@@ -55,13 +58,16 @@ class MultimodalQwen3Reader:
             elif not name.startswith(PROJECTOR_PREFIX):
                 raise CheckpointError(f"{path}: tensor {name!r} belongs to neither the language "
                                       "model nor the projectors")
+        lm, fused = split_fused_gate_up(lm, gate_first=bool(mm_config.get("gate_up_gate_first", True)))
+        if fused:
+            warnings.append(f"split {fused} fused gate_up_proj tensors into gate_proj/up_proj")
         hidden = int(text_config.get("hidden_size", 0))
         projectors = seed_projectors(mm_config, hidden, str(path / "config.json"))
         proj_refs = []
         for modality, spec in projectors.items():
             proj_refs += projector_tensors(spec, sources, f"{PROJECTOR_PREFIX}{modality}.", str(path))
-        known = {r.source_name for r in proj_refs}
-        stray = sorted(n for n in sources if n.startswith(PROJECTOR_PREFIX) and n not in known)
+        stray = sorted(n for n in sources if n.startswith(PROJECTOR_PREFIX)
+                       and n[len(PROJECTOR_PREFIX):].split(".")[0] not in projectors)
         if stray:
             raise CheckpointError(f"{path}: projector tensors for modalities not in "
                                   f"modality_configs: {', '.join(stray[:3])}")

@@ -1,0 +1,69 @@
+"""Name clean-up every reader applies before mapping to canonical names.
+
+Training wrappers prefix state-dict keys: DDP and FSDP add ``module.``, ``torch.compile`` adds
+``_orig_mod.``, Lightning-style modules add ``model.``. They are stripped (repeatedly, in any
+order) only while what follows is still a known top-level name, so a genuine ``model.layers``
+is never touched. Fused dense ``gate_up_proj [2I, H]`` weights are split into the canonical
+``gate_proj``/``up_proj`` pair (lazily, by row slices), as
+:func:`mmconvert.convert.transforms.split_gate_up` defines the halves.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mmconvert.convert.tensors import TensorRef
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.)gate_up_proj\.weight$")
+
+
+def strip_wrapper_prefixes(name: str, roots: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Strip wrapper prefixes from ``name`` while the rest still starts with one of ``roots``
+    once stripped; returns (clean name, prefixes removed)."""
+    removed: list[str] = []
+    while not name.startswith(roots):
+        prefix = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            break
+        name = name[len(prefix):]
+        removed.append(prefix)
+    return name, removed
+
+
+def unwrap_names(refs: dict[str, TensorRef], roots: tuple[str, ...]
+                 ) -> tuple[dict[str, TensorRef], list[str]]:
+    """Rename every tensor with its wrapper prefixes stripped; report what was stripped."""
+    out: dict[str, TensorRef] = {}
+    seen: list[str] = []
+    for name, ref in refs.items():
+        clean, removed = strip_wrapper_prefixes(name, roots)
+        if clean in out:
+            raise KeyError(f"{name!r} and another tensor both map to {clean!r}")
+        out[clean] = ref.renamed(clean)
+        for p in removed:
+            if p not in seen:
+                seen.append(p)
+    return out, seen
+
+
+def split_fused_gate_up(lm: dict[str, TensorRef], gate_first: bool = True) -> tuple[dict[str, TensorRef], int]:
+    """Replace ``*.mlp.gate_up_proj.weight [2I, H]`` by lazy ``gate_proj``/``up_proj`` halves."""
+    out: dict[str, TensorRef] = {}
+    fused = 0
+    for name, ref in lm.items():
+        m = FUSED_GATE_UP.match(name)
+        if not m or len(ref.shape) != 2:
+            out[name] = ref
+            continue
+        fused += 1
+        half = ref.shape[0] // 2
+        if ref.shape[0] != 2 * half:
+            raise ValueError(f"{ref.source_name}: fused gate/up has an odd row count {ref.shape[0]}")
+        # a 2-D split is two row ranges (split_gate_up's semantics), read lazily by rows
+        order = "gate,up" if gate_first else "up,gate"
+        gate_rows, up_rows = ((0, half), (half, 2 * half)) if gate_first else ((half, 2 * half), (0, half))
+        for part, (lo, hi) in (("gate", gate_rows), ("up", up_rows)):
+            target = f"{m.group(1)}{part}_proj.weight"
+            out[target] = ref.row_slice(target, f"split_gate_up({order})[{part}]", lo, hi)
+    return out, fused

@@ -1,0 +1,69 @@
+"""Checkpoint dialects that map onto the same canonical model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmconvert.convert.readers import read_checkpoint
+from mmconvert.convert.readers.names import strip_wrapper_prefixes
+
+ROOTS = ("language_model.", "multimodal_projector.")
+
+
+def _rewrite(src, dst, fn):
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    save_file(fn(state), str(dst / "model.safetensors"))
+    return dst
+
+
+def _assert_same_model(a, b):
+    assert a.tensors.names() == b.tensors.names()
+    for name in a.tensors:
+        assert a.tensors[name].shape == b.tensors[name].shape, name
+        assert np.array_equal(a.tensors[name].read(), b.tensors[name].read()), name
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod.",
+                                    "model.module._orig_mod."])
+def test_wrapper_prefixes_are_stripped(example_ckpt, tmp_path, prefix):
+    ckpt = _rewrite(example_ckpt, tmp_path / "c", lambda s: {prefix + k: v for k, v in s.items()})
+    model = read_checkpoint(ckpt)
+    _assert_same_model(model, read_checkpoint(example_ckpt))
+    assert any("training-wrapper prefixes" in w for w in model.warnings)
+
+
+def test_genuine_model_prefix_is_kept():
+    assert strip_wrapper_prefixes("language_model.model.layers.0.x", ROOTS)[0] == \
+        "language_model.model.layers.0.x"
+    assert strip_wrapper_prefixes("model.language_model.model.norm.weight", ROOTS) == \
+        ("language_model.model.norm.weight", ["model."])
+    assert strip_wrapper_prefixes("other.thing", ROOTS) == ("other.thing", [])
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_fused_dense_gate_up_is_split(example_ckpt, tmp_path, gate_first):
+    def fuse(state):
+        out = {}
+        for k, v in state.items():
+            if k.endswith("mlp.gate_proj.weight"):
+                up = state[k.replace("gate_proj", "up_proj")]
+                out[k.replace("gate_proj", "gate_up_proj")] = torch.cat([v, up] if gate_first else [up, v])
+            elif not k.endswith("mlp.up_proj.weight"):
+                out[k] = v
+        return out
+
+    ckpt = _rewrite(example_ckpt, tmp_path / "c", fuse)
+    if not gate_first:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["gate_up_gate_first"] = False
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    model = read_checkpoint(ckpt)
+    _assert_same_model(model, read_checkpoint(example_ckpt))
+    gate = model.tensors["model.layers.0.mlp.gate_proj.weight"]
+    assert gate.derivation and gate.derivation[0].startswith("split_gate_up")
+    assert np.array_equal(gate.read_rows(3, 9), gate.read()[3:9])
