@@ -67,3 +67,38 @@ def test_fused_dense_gate_up_is_split(example_ckpt, tmp_path, gate_first):
     gate = model.tensors["model.layers.0.mlp.gate_proj.weight"]
     assert gate.derivation and gate.derivation[0].startswith("split_gate_up")
     assert np.array_equal(gate.read_rows(3, 9), gate.read()[3:9])
+
+
+@pytest.mark.parametrize("layout", ["old", "new"])
+def test_llava_style_checkpoint(make_checkpoint, tmp_path, layout):
+    seed = make_checkpoint(layer_norm=False, modalities={"vision": {"input_dim": 40, "hidden_dim": 72}})
+    ckpt = tmp_path / "llava"
+    shutil.copytree(seed, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    ph = read_checkpoint(seed).multimodal_token_id
+    llava_cfg = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+                 "text_config": cfg["text_config"], "projector_hidden_act": "gelu",
+                 "image_token_index": ph, "vision_config": {"model_type": "siglip_vision_model"}}
+    (ckpt / "config.json").write_text(json.dumps(llava_cfg))
+    state = load_file(str(ckpt / "model.safetensors"))
+    lm_prefix, proj_prefix, head, tower = (
+        ("language_model.model.", "multi_modal_projector.", "language_model.lm_head.", "vision_tower.")
+        if layout == "old" else
+        ("model.language_model.", "model.multi_modal_projector.", "lm_head.", "model.vision_tower."))
+    out = {}
+    for k, v in state.items():
+        if k.startswith("language_model.model."):
+            out[lm_prefix + k[len("language_model.model."):]] = v
+        elif k.startswith("language_model.lm_head."):
+            out[head + k[len("language_model.lm_head."):]] = v
+        else:
+            index, part = k.split(".")[-2:]
+            out[f"{proj_prefix}linear_{1 if index == '0' else 2}.{part}"] = v
+    out[tower + "embeddings.patch_embedding.weight"] = torch.zeros(4, 3)
+    save_file(out, str(ckpt / "model.safetensors"))
+    model = read_checkpoint(ckpt)
+    assert model.dialect == "llava"
+    assert model.multimodal_token_id == ph
+    assert any("vision tower not exported" in w for w in model.warnings)
+    _assert_same_model(model, read_checkpoint(seed))
+    assert model.projectors["vision"].layers == read_checkpoint(seed).projectors["vision"].layers

@@ -43,7 +43,11 @@ def register(reader: Reader) -> Reader:
 
 
 def _load_builtin_readers() -> None:
-    from mmconvert.convert.readers import multimodal_qwen3, qwen3_with_projector  # noqa: F401
+    from mmconvert.convert.readers import (  # noqa: F401
+        llava_qwen3,
+        multimodal_qwen3,
+        qwen3_with_projector,
+    )
 
 
 def read_checkpoint(path: str | Path, options: ReadOptions | None = None) -> CanonicalModel:
