@@ -46,6 +46,7 @@ def _load_builtin_readers() -> None:
     from mmconvert.convert.readers import (  # noqa: F401
         llava_qwen3,
         multimodal_qwen3,
+        peft_lora,
         qwen3_with_projector,
     )
 
@@ -60,6 +61,8 @@ def read_checkpoint(path: str | Path, options: ReadOptions | None = None) -> Can
         raise CheckpointError(f"{path}: expected a checkpoint folder, got a file")
     if not READERS:
         _load_builtin_readers()
+    if (path / "adapter_config.json").is_file():
+        return next(r for r in READERS if r.name == "peft-lora").read(path, options)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: missing config.json (is this a checkpoint folder?)")
     for reader in READERS:
