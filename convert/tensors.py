@@ -36,6 +36,9 @@ class TensorRef:
     source_file: Path | None
     loader: Loader = field(repr=False, compare=False)
     derivation: tuple[str, ...] = ()
+    # True when read_rows() reads only the rows asked for; derived tensors compute the whole
+    # tensor, so writers read them once instead of slice by slice
+    row_streamable: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -63,7 +66,7 @@ class TensorRef:
             return out if rows is None else out[rows[0]:rows[1]]
 
         return replace(self, name=name, shape=tuple(shape), dtype=dtype or self.dtype,
-                       loader=load, derivation=(*self.derivation, step))
+                       loader=load, derivation=(*self.derivation, step), row_streamable=False)
 
     def row_slice(self, name: str, step: str, start: int, stop: int) -> TensorRef:
         """Rows ``start:stop`` as a tensor of its own, still read lazily by row ranges."""

@@ -60,7 +60,8 @@ def write_one(fd: int, job: TensorWrite, progress: Progress | None = None) -> No
     ref = job.source
     rows = ref.shape[0] if ref.shape else 1
     row_bytes = ref.nbytes // rows if rows else 0
-    step = rows if not ref.shape or row_bytes == 0 else max(1, CHUNK_BYTES // row_bytes)
+    whole = not ref.shape or row_bytes == 0 or not ref.row_streamable
+    step = rows if whole else max(1, CHUNK_BYTES // row_bytes)
     offset = job.offset
     written = 0
     for start in range(0, rows, step):

@@ -53,7 +53,7 @@ CASES = {
     "missing config": (lambda c: (c / "config.json").unlink(), "missing config.json"),
     "unparsable config": (lambda c: (c / "config.json").write_text("{nope"), "cannot parse"),
     "unknown model_type": (lambda c: _edit_config(c, lambda x: x.update(model_type="whisper")),
-                           "Supported: multimodal_qwen3"),
+                           "is not supported. Supported: "),
     "missing tensor": (lambda c: _edit_weights(c, _drop("language_model.model.layers.1.mlp.up_proj.weight")),
                        "missing against the config"),
     "extra tensor": (lambda c: _edit_weights(c, _add("language_model.model.layers.7.mlp.up_proj.weight", (2, 2))),

@@ -1,0 +1,46 @@
+"""The Hugging Face bundle: a standard Qwen3 folder, the projectors beside it, remote code.
+
+Layout (documented in ``docs/hf-bundle.md``): ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``) with the language model only, so plain ``from_pretrained``
+sees no unexpected keys; ``multimodal_projector.safetensors``; ``config.json`` (Qwen3 +
+``auto_map`` + ``multimodal_config``); ``generation_config.json``; tokenizer files;
+``modeling_mmqwen3.py``; ``README.md``; ``mmconvert.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.plan_hf import PROJECTOR_FILE, PROJECTOR_STEM, hf_config_dtype, plan_hf
+from mmconvert.formats.bundle import BundleDir, write_manifest
+from mmconvert.formats.hf_folder import write_hf_files
+from mmconvert.formats.safetensors_writer import write_safetensors
+
+PROJECTOR_PREFIX = "multimodal_projector."
+
+
+def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
+              max_shard_bytes: int = 5 * 10**9, force: bool = False,
+              progress: bool | None = None) -> list[str]:
+    """Write the HF bundle to ``out`` (atomically); return the files written."""
+    out = Path(out)
+    lm_plan, projector_plan = plan_hf(model, dtype)
+    with BundleDir(out, force) as tmp:
+        files = write_safetensors(tmp, lm_plan.tensors, max_shard_bytes=max_shard_bytes,
+                                  progress=progress)
+        # the projector is small: always one file, whatever the shard limit
+        whole = sum(t.source.nbytes for t in projector_plan.tensors) * 2 + 1
+        files += write_safetensors(tmp, projector_plan.tensors, stem=PROJECTOR_STEM,
+                                   max_shard_bytes=whole, progress=progress)
+        files += write_hf_files(tmp, model, config_dtype=hf_config_dtype(model, dtype),
+                                repo_id=out.name, weights_file=PROJECTOR_FILE,
+                                tensor_prefix=PROJECTOR_PREFIX)
+        transforms = lm_plan.transforms_applied()
+        transforms += [t for t in projector_plan.transforms_applied() if t not in transforms]
+        write_manifest(tmp, kind="hf", model=model,
+                       options={"dtype": dtype, "max_shard_bytes": max_shard_bytes},
+                       transforms=transforms,
+                       extra={"tensors": {t.name: t.source.name
+                                          for t in lm_plan.tensors + projector_plan.tensors}})
+    return files + ["mmconvert.json"]

@@ -1,0 +1,99 @@
+"""Plan for the Hugging Face bundle: a standard Qwen3 folder plus a separate projector file.
+
+The language-model tensors keep their (already HF) canonical names so that a plain
+``Qwen3ForCausalLM`` loads the shards with no missing or unexpected keys; the projector tensors
+go to their own file (``multimodal_projector.safetensors``) under
+``multimodal_projector.<modality>.<layer>.<weight|bias>``, which only the bundle's remote code
+reads. Tied embeddings stay tied: ``lm_head.weight`` is not in the canonical table then, so it is
+not planned.
+"""
+
+from __future__ import annotations
+
+from mmconvert.convert.errors import UnsupportedError
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.plan import Plan, PlannedTensor
+from mmconvert.convert.plan_safetensors import hf_name, target_dtype
+from mmconvert.convert.tensors import TensorRef
+from mmconvert.convert.transforms import interleaved_to_neox
+from mmconvert.formats.dtypes import FLOAT_DTYPES, TORCH_NAMES
+
+HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
+PROJECTOR_STEM = "multimodal_projector"
+PROJECTOR_FILE = f"{PROJECTOR_STEM}.safetensors"
+
+
+def _to_neox(ref: TensorRef, n_heads: int) -> TensorRef:
+    """HF's Qwen3 applies rope rotate-half (NEOX); a source trained with interleaved pairs gets
+    its Q/K output rows (and the per-head q/k norm weights) permuted per head to match."""
+    return ref.derive(ref.name, f"interleaved_to_neox(heads={n_heads})",
+                      lambda a: interleaved_to_neox(a, n_heads), ref.shape)
+
+
+def _rope_fixups(model: CanonicalModel) -> dict[str, TensorRef]:
+    """Canonical name -> re-derived tensor for a source in the interleaved rope layout."""
+    text = model.text
+    if text.rope_layout == "neox":
+        return {}
+    heads = {"q_proj": text.num_attention_heads, "k_proj": text.num_key_value_heads}
+    fixed = {}
+    for i in range(text.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        for proj, n in heads.items():
+            for part in ("weight", "bias"):
+                ref = model.tensors.get(f"{p}{proj}.{part}")
+                if ref is not None:
+                    fixed[ref.name] = _to_neox(ref, n)
+        for norm in ("q_norm.weight", "k_norm.weight"):
+            fixed[p + norm] = _to_neox(model.tensors[p + norm], 1)
+    return fixed
+
+
+def check_modality_names(model: CanonicalModel) -> None:
+    """Modality and layer names become module names in the remote code: no dots, not empty."""
+    for name, spec in model.projectors.items():
+        for part in [name] + [layer.name for layer in spec.layers]:
+            if not part or "." in part or not part.isprintable():
+                raise UnsupportedError(
+                    f"modality {name!r}: {part!r} cannot be a module name in the HF bundle "
+                    "(use names without dots, e.g. 'vision' or 'audio_1')")
+
+
+def plan_hf(model: CanonicalModel, dtype: str = "auto") -> tuple[Plan, Plan]:
+    """(language-model plan, projector plan) for ``mmconvert to-hf``."""
+    if dtype not in HF_DTYPES:
+        raise UnsupportedError(f"--dtype {dtype!r}: use one of {', '.join(HF_DTYPES)}")
+    check_modality_names(model)
+    fixups = _rope_fixups(model)
+    lm, projector = [], []
+    for ref in model.tensors.refs():
+        ref = fixups.get(ref.name, ref)
+        planned = PlannedTensor(hf_name(ref.name), ref, target_dtype(ref.dtype, dtype), ref.shape)
+        (projector if ref.name.startswith("mm.") else lm).append(planned)
+    notes = [f"dtype: {dtype} (config dtype {hf_config_dtype(model, dtype)})"]
+    if model.tied:
+        notes.append("tied embeddings: lm_head is not stored (tie_word_embeddings: true)")
+    if fixups:
+        notes.append("rope: interleaved source layout permuted to HF's rotate-half (neox)")
+    if model.text.vocab_size > model.tokenizer.size:
+        notes.append(f"vocab: {model.text.vocab_size} embedding rows kept for "
+                     f"{model.tokenizer.size} tokenizer tokens (padding rows)")
+    lm_plan = Plan("hf", lm, notes + ["files: model.safetensors (sharded with an index when "
+                                      "over --max-shard-size)"])
+    projector_plan = Plan("hf-projector", projector, [f"file: {PROJECTOR_FILE}"])
+    return lm_plan, projector_plan
+
+
+def hf_config_dtype(model: CanonicalModel, dtype: str) -> str:
+    """The torch dtype name config.json declares: the requested one, else the dominant float
+    dtype of the language-model tensors (what ``dtype="auto"`` loading then uses)."""
+    if dtype != "auto":
+        return dtype
+    counts: dict[str, int] = {}
+    for ref in model.tensors.refs():
+        if not ref.name.startswith("mm.") and ref.dtype in FLOAT_DTYPES:
+            counts[ref.dtype] = counts.get(ref.dtype, 0) + ref.numel
+    if not counts:
+        return model.text.torch_dtype
+    return TORCH_NAMES[max(counts, key=lambda k: counts[k])]
+

@@ -1,0 +1,327 @@
+"""Multimodal Qwen3 for transformers: per-modality projector MLPs over ``Qwen3ForCausalLM``.
+
+This file is copied into Hugging Face bundles written by mmconvert and is loaded through
+``auto_map`` with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+It is self-contained (torch, transformers and safetensors, which transformers requires).
+
+What it reads:
+- ``config.multimodal_config``: the projector description (modalities in fusion order, each an
+  ordered list of layers ``linear | layer_norm | act``), the placeholder token and its id;
+- ``multimodal_projector.safetensors``: tensors ``multimodal_projector.<modality>.<layer>.<weight|bias>``.
+
+Inputs: ``mm_inputs = {"m1": [tensor, ...], "m2": [...]}``; an item is ``[input_dim]`` (one
+row) or ``[n, input_dim]``. Early fusion: the projected rows (modalities in config order, items
+in list order) replace the placeholder tokens one row per placeholder; a prompt without any
+placeholder gets all rows prepended; any other placeholder count is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+CONFIG_KEY = "multimodal_config"
+PROJECTOR_FORMAT = "mmconvert.multimodal_projector"
+SUPPORTED_VERSION = 1
+IGNORE_INDEX = -100
+
+
+def make_activation(name: str) -> nn.Module:
+    """The activation named in the config (``gelu`` is the exact erf form, as ``nn.GELU()``)."""
+    if name == "relu":
+        return nn.ReLU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown projector activation {name!r} (relu, gelu, gelu_tanh, tanh, silu)")
+
+
+class ModalityProjector(nn.ModuleDict):
+    """One modality's projector: its layers in order, each a submodule named as in the config
+    (so tensor names are ``<layer>.weight``/``<layer>.bias``)."""
+
+    def __init__(self, spec: Mapping[str, Any]):
+        super().__init__()
+        self.input_dim = int(spec["input_dim"])
+        for layer in spec["layers"]:
+            kind = layer["kind"]
+            if kind == "linear":
+                module: nn.Module = nn.Linear(layer["in_dim"], layer["out_dim"],
+                                              bias=layer.get("bias", True))
+            elif kind == "layer_norm":
+                module = nn.LayerNorm(layer["dim"], eps=layer["eps"], bias=layer.get("bias", True))
+            elif kind == "act":
+                module = make_activation(layer["activation"])
+            else:
+                raise ValueError(f"unknown projector layer kind {kind!r} (linear, layer_norm, act)")
+            self[layer["name"]] = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.values():
+            x = module(x)
+        return x
+
+
+def projector_spec(config: Qwen3Config) -> dict[str, Any]:
+    """``config.multimodal_config``, checked to be a version this code understands."""
+    spec = getattr(config, CONFIG_KEY, None)
+    if not isinstance(spec, Mapping) or not spec.get("modalities"):
+        raise ValueError(f"config.json has no {CONFIG_KEY!r} with modalities: this folder is not "
+                         "a multimodal bundle written by mmconvert")
+    if spec.get("format") != PROJECTOR_FORMAT or spec.get("format_version") != SUPPORTED_VERSION:
+        raise ValueError(f"{CONFIG_KEY} format {spec.get('format')!r} version "
+                         f"{spec.get('format_version')!r} is not {PROJECTOR_FORMAT!r} version "
+                         f"{SUPPORTED_VERSION}: update the bundle's modeling_mmqwen3.py")
+    return dict(spec)
+
+
+def as_rows(item: Any, input_dim: int, modality: str) -> torch.Tensor:
+    """An item as ``[n, input_dim]`` (``[input_dim]`` is one row), as the seed model reshapes."""
+    x = torch.as_tensor(item)
+    if x.dim() == 0 or x.shape[-1] != input_dim:
+        raise ValueError(f"modality {modality!r}: items must be [input_dim] or [n, input_dim] "
+                         f"with input_dim={input_dim}, got shape {list(x.shape)}")
+    return x.reshape(-1, input_dim)
+
+
+def expand_placeholders(text: str, token: str, rows_per_item: Sequence[int]) -> str:
+    """Let a prompt name each item once: with one ``token`` per item, each is repeated to the
+    item's row count. A prompt already holding one token per row, or none (prepend), is kept."""
+    count = text.count(token)
+    total = sum(rows_per_item)
+    if not rows_per_item or count in (0, total):
+        return text
+    if count != len(rows_per_item):
+        raise ValueError(f"the prompt has {count} {token} placeholders for {len(rows_per_item)} "
+                         f"items ({total} rows): use one per item, one per row, or none")
+    parts = text.split(token)
+    return parts[0] + "".join(token * n + part for n, part in zip(rows_per_item, parts[1:]))
+
+
+def _has_items(mm_inputs: Any) -> bool:
+    if mm_inputs is None:
+        return False
+    rows = mm_inputs if isinstance(mm_inputs, Sequence) else [mm_inputs]
+    return any(len(_items(v)) for row in rows for v in row.values())
+
+
+def _items(value: Any) -> list[Any]:
+    """A modality's items: a list/tuple of tensors, or one tensor meaning one item."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+class MultimodalQwen3ForCausalLM(Qwen3ForCausalLM):
+    """Qwen3ForCausalLM plus ``multimodal_projector``; ``forward`` and ``generate`` take
+    ``mm_inputs`` (a dict for one prompt, or a list of dicts, one per row of the batch)."""
+
+    config_class = Qwen3Config
+    # the projector is not in the language-model shards: it is loaded from its own file below
+    _keys_to_ignore_on_load_missing = [r"^multimodal_projector\."]
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__(config)
+        spec = projector_spec(config)
+        self.placeholder_token = spec.get("placeholder_token")
+        self.placeholder_token_id = spec.get("placeholder_token_id")
+        self.multimodal_projector = nn.ModuleDict(
+            {m["name"]: ModalityProjector(m) for m in spec["modalities"]})
+        self.post_init()
+
+    # --- loading and saving --------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load the language model as transformers does, then the projector file."""
+        want_info = kwargs.pop("output_loading_info", False)
+        hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "proxies", "token",
+                                      "revision", "local_files_only", "subfolder") if k in kwargs}
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                              output_loading_info=True, **kwargs)
+        model.load_projector(pretrained_model_name_or_path, **hub)
+        return (model, info) if want_info else model
+
+    def load_projector(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
+        """Copy ``multimodal_projector.safetensors`` into the projector; every tensor must be
+        there with the right shape (a silently random projector would be worse than an error)."""
+        from safetensors.torch import load_file
+        from transformers.utils import cached_file
+
+        spec = projector_spec(self.config)
+        filename = spec.get("weights", "multimodal_projector.safetensors")
+        prefix = spec.get("tensor_prefix", "multimodal_projector.")
+        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                           **hub_kwargs)
+        if path is None:
+            raise OSError(f"{name_or_path}: missing {filename} (the projector weights)")
+        state = load_file(path)
+        own = self.multimodal_projector.state_dict()
+        wanted = {prefix + k for k in own}
+        missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
+        if missing or extra:
+            raise ValueError(f"{filename}: missing tensors {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for key, param in own.items():
+                source = state[prefix + key]
+                if source.shape != param.shape:
+                    raise ValueError(f"{filename}: {prefix + key} has shape {list(source.shape)}, "
+                                     f"the config implies {list(param.shape)}")
+                param.copy_(source)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as the bundle is laid out: the language model in the usual shards, the
+        projector in its own file (so the folder still loads as a plain Qwen3 model)."""
+        from safetensors.torch import save_file
+
+        spec = projector_spec(self.config)
+        state = kwargs.pop("state_dict", None) or self.state_dict()
+        lm_state = {k: v for k, v in state.items() if not k.startswith("multimodal_projector.")}
+        super().save_pretrained(save_directory, *args, state_dict=lm_state, **kwargs)
+        prefix = spec.get("tensor_prefix", "multimodal_projector.")
+        projector = {prefix + k[len("multimodal_projector."):]: v.detach().contiguous().cpu()
+                     for k, v in state.items() if k.startswith("multimodal_projector.")}
+        save_file(projector, os.path.join(save_directory, spec.get(
+            "weights", "multimodal_projector.safetensors")), metadata={"format": "pt"})
+
+    # --- projection and fusion -----------------------------------------------------------
+
+    def project(self, modality: str, item: Any) -> torch.Tensor:
+        """One item's projected rows ``[n, hidden]``."""
+        if modality not in self.multimodal_projector:
+            raise ValueError(f"unknown modality {modality!r}; this model has "
+                             f"{list(self.multimodal_projector)}")
+        projector = self.multimodal_projector[modality]
+        weight = next(projector.parameters())
+        x = as_rows(item, projector.input_dim, modality)
+        return projector(x.to(device=weight.device, dtype=weight.dtype))
+
+    def rows_per_item(self, mm_inputs: Mapping[str, Any] | None) -> list[int]:
+        """Projected row counts of the items, in fusion order."""
+        counts = []
+        for name, projector in self.multimodal_projector.items():
+            for item in _items((mm_inputs or {}).get(name)):
+                counts.append(as_rows(item, projector.input_dim, name).shape[0])
+        return counts
+
+    def _project_prompt(self, mm_inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        unknown = sorted(set(mm_inputs) - set(self.multimodal_projector))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; this model has "
+                             f"{list(self.multimodal_projector)}")
+        rows = [self.project(name, item) for name in self.multimodal_projector
+                for item in _items(mm_inputs.get(name))]
+        return torch.cat(rows) if rows else None
+
+    def _fuse_row(self, ids: torch.Tensor, mm_inputs: Mapping[str, Any]
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(embeddings [T', H], token ids [T'], rows prepended) for one prompt."""
+        embed = self.get_input_embeddings()
+        projected = self._project_prompt(mm_inputs)
+        text = embed(ids)
+        if projected is None:
+            return text, ids, 0
+        projected = projected.to(dtype=text.dtype, device=text.device)
+        n_rows = projected.shape[0]
+        ph = self.placeholder_token_id
+        is_ph = ids == ph if ph is not None else torch.zeros_like(ids, dtype=torch.bool)
+        count = int(is_ph.sum())
+        if count == 0:
+            nominal = torch.full((n_rows,), ph if ph is not None else 0, dtype=ids.dtype,
+                                 device=ids.device)
+            return torch.cat([projected, text]), torch.cat([nominal, ids]), n_rows
+        if count != n_rows:
+            raise ValueError(f"the prompt has {count} placeholder tokens for {n_rows} projected "
+                             "rows: use one placeholder per row, or none to prepend")
+        return text.masked_scatter(is_ph.unsqueeze(-1), projected), ids, 0
+
+    def fuse(self, input_ids: torch.Tensor, mm_inputs: Any, attention_mask: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None):
+        """(inputs_embeds [B, T', H], fused ids [B, T'], attention mask, labels), the last two
+        extended over prepended rows (mask 1, label -100) when given."""
+        if input_ids is None:
+            raise ValueError("mm_inputs need input_ids (the text prompt, with or without "
+                             "placeholders)")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        batch = input_ids.shape[0]
+        if isinstance(mm_inputs, Mapping):
+            if batch != 1:
+                raise ValueError(f"a batch of {batch} prompts needs a list of {batch} mm_inputs "
+                                 "dicts, one per prompt")
+            mm_inputs = [mm_inputs]
+        if len(mm_inputs) != batch:
+            raise ValueError(f"{len(mm_inputs)} mm_inputs dicts for {batch} prompts")
+        fused = [self._fuse_row(input_ids[b], mm_inputs[b] or {}) for b in range(batch)]
+        lengths = {f[1].shape[0] for f in fused}
+        if len(lengths) != 1:
+            raise ValueError(f"the prompts of the batch fuse to different lengths {sorted(lengths)}: "
+                             "use placeholders (one per row) and pad the prompts to one length")
+        embeds = torch.stack([f[0] for f in fused])
+        ids = torch.stack([f[1] for f in fused])
+        pre = [f[2] for f in fused]
+        if attention_mask is not None:
+            attention_mask = torch.stack([
+                torch.cat([attention_mask.new_ones(n), attention_mask[b]]) for b, n in enumerate(pre)])
+        if labels is not None:
+            labels = torch.stack([
+                torch.cat([labels.new_full((n,), IGNORE_INDEX), labels[b]]) for b, n in enumerate(pre)])
+        return embeds, ids, attention_mask, labels
+
+    def embed_multimodal(self, input_ids: torch.Tensor, mm_inputs: Any) -> torch.Tensor:
+        """The fused prompt embeddings ``[B, T', H]`` (e.g. for vLLM ``prompt_embeds``)."""
+        return self.fuse(input_ids, mm_inputs)[0]
+
+    def tokenize_prompt(self, tokenizer, text: str, mm_inputs: Mapping[str, Any] | None = None,
+                        **tokenizer_kwargs) -> torch.Tensor:
+        """``input_ids [1, T]`` for ``text`` (apply a chat template first if you want one): each
+        placeholder token may stand for a whole item and is expanded to its row count."""
+        if self.placeholder_token:
+            text = expand_placeholders(text, self.placeholder_token, self.rows_per_item(mm_inputs))
+        tokenizer_kwargs.setdefault("add_special_tokens", False)
+        return tokenizer(text, return_tensors="pt", **tokenizer_kwargs)["input_ids"]
+
+    # --- the language-model entry points ------------------------------------------------
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, *, mm_inputs=None, **kwargs):
+        """``Qwen3ForCausalLM.forward`` plus ``mm_inputs``; logits cover the fused sequence
+        (prepended rows included)."""
+        if _has_items(mm_inputs):
+            if inputs_embeds is not None:
+                raise ValueError("pass input_ids with mm_inputs, not inputs_embeds")
+            inputs_embeds, _, attention_mask, labels = self.fuse(input_ids, mm_inputs,
+                                                                 attention_mask, labels)
+            if position_ids is not None and position_ids.shape[-1] != inputs_embeds.shape[1]:
+                raise ValueError("position_ids do not cover the prepended multimodal rows; "
+                                 "leave them out or use placeholders")
+            input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, past_key_values=past_key_values,
+                               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
+
+    def generate(self, inputs=None, *args, mm_inputs=None, **kwargs):
+        """``generate`` plus ``mm_inputs``. The returned sequences start with the fused prompt
+        ids (prepended rows appear as placeholder ids), then the new tokens."""
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if not _has_items(mm_inputs):
+            return super().generate(input_ids, *args, **kwargs)
+        with torch.no_grad():
+            embeds, ids, mask, _ = self.fuse(input_ids, mm_inputs, kwargs.pop("attention_mask", None))
+        if mask is None:
+            mask = torch.ones_like(ids)
+        return super().generate(ids, *args, inputs_embeds=embeds, attention_mask=mask, **kwargs)
