@@ -67,6 +67,11 @@ class ExampleOptions:
     rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     multimodal_token: str = "<|multimodal|>"
+    # Qwen3-MoE text model when num_experts > 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 32
+    experts_format: str = "per_expert"  # per_expert (save_pretrained) | fused (transformers-5 memory)
 
 
 def build_tokenizer(bpe_vocab_size: int, multimodal_token: str):
@@ -110,7 +115,7 @@ def write_tokenizer(directory: Path, opts: ExampleOptions) -> dict[str, int]:
 
 
 def text_config(opts: ExampleOptions, vocab_rows: int, ids: dict[str, int]) -> dict:
-    return {
+    config = {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "vocab_size": vocab_rows, "hidden_size": opts.hidden_size,
         "intermediate_size": opts.intermediate_size, "num_hidden_layers": opts.num_hidden_layers,
@@ -123,6 +128,12 @@ def text_config(opts: ExampleOptions, vocab_rows: int, ids: dict[str, int]) -> d
         "torch_dtype": opts.dtype, "sliding_window": None, "use_sliding_window": False,
         "max_window_layers": opts.num_hidden_layers,
     }
+    if opts.num_experts:
+        config.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                      num_experts=opts.num_experts, num_experts_per_tok=opts.num_experts_per_tok,
+                      moe_intermediate_size=opts.moe_intermediate_size, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+    return config
 
 
 def random_state_dict(opts: ExampleOptions, vocab_rows: int) -> dict:
@@ -152,9 +163,12 @@ def random_state_dict(opts: ExampleOptions, vocab_rows: int) -> dict:
         state[p + "self_attn.q_norm.weight"] = norm(d)
         state[p + "self_attn.k_norm.weight"] = norm(d)
         state[p + "post_attention_layernorm.weight"] = norm(h)
-        state[p + "mlp.gate_proj.weight"] = matrix(i, h)
-        state[p + "mlp.up_proj.weight"] = matrix(i, h)
-        state[p + "mlp.down_proj.weight"] = matrix(h, i)
+        if opts.num_experts:
+            state.update(moe_layer(p + "mlp.", opts, matrix))
+        else:
+            state[p + "mlp.gate_proj.weight"] = matrix(i, h)
+            state[p + "mlp.up_proj.weight"] = matrix(i, h)
+            state[p + "mlp.down_proj.weight"] = matrix(h, i)
     state[lm + "norm.weight"] = norm(h)
     if not opts.tied:
         state["language_model.lm_head.weight"] = matrix(vocab_rows, h)
@@ -176,6 +190,27 @@ def random_state_dict(opts: ExampleOptions, vocab_rows: int) -> dict:
                 state[f"{p}{index}.bias"] = 0.1 * torch.randn(fan_out, generator=gen)
     dtype = getattr(torch, opts.dtype)
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
+def moe_layer(prefix: str, opts: ExampleOptions, matrix) -> dict:
+    """Router and experts of one Qwen3-MoE layer, per expert or fused as transformers 5 holds them."""
+    import torch
+
+    h, mi, n = opts.hidden_size, opts.moe_intermediate_size, opts.num_experts
+    state = {prefix + "gate.weight": matrix(n, h)}
+    gates = [matrix(mi, h) for _ in range(n)]
+    ups = [matrix(mi, h) for _ in range(n)]
+    downs = [matrix(h, mi) for _ in range(n)]
+    if opts.experts_format == "fused":
+        state[prefix + "experts.gate_up_proj"] = torch.stack(
+            [torch.cat([g, u]) for g, u in zip(gates, ups)])
+        state[prefix + "experts.down_proj"] = torch.stack(downs)
+    else:
+        for e in range(n):
+            state[f"{prefix}experts.{e}.gate_proj.weight"] = gates[e]
+            state[f"{prefix}experts.{e}.up_proj.weight"] = ups[e]
+            state[f"{prefix}experts.{e}.down_proj.weight"] = downs[e]
+    return state
 
 
 def write_weights(directory: Path, state: dict, opts: ExampleOptions) -> None:

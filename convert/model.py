@@ -5,6 +5,10 @@ Canonical tensor names
 Language model: the Hugging Face Qwen3 names, e.g. ``model.embed_tokens.weight``,
 ``model.layers.{i}.self_attn.q_proj.weight``, ``model.layers.{i}.mlp.gate_proj.weight``,
 ``model.norm.weight`` and ``lm_head.weight`` (absent when the embeddings are tied).
+Qwen3-MoE layers have the router ``model.layers.{i}.mlp.gate.weight [E, H]`` and experts
+stacked as transformers 5 holds them in memory, but with gate and up apart:
+``model.layers.{i}.mlp.experts.{gate_proj,up_proj} [E, I, H]`` and
+``model.layers.{i}.mlp.experts.down_proj [E, H, I]``.
 
 Projectors: ``mm.{modality}.{layer}.{weight|bias}`` where ``layer`` is the ``name`` of a
 :class:`ProjectorLayer` of that modality's :class:`ProjectorSpec` (``fc1``, ``norm1``, ``fc2``,
@@ -46,7 +50,23 @@ class TextSpec:
     # "neox" (rotate-half, what HF Qwen3 and llama.cpp use) or "interleaved" (pairs)
     rope_layout: str = "neox"
     config_vocab_size: int | None = None  # vocab_size as the config says it
+    # Qwen3-MoE (num_experts == 0: dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     raw_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_is_moe(self, layer: int) -> bool:
+        """Which layers route through experts (transformers' Qwen3-MoE rule)."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % max(1, self.decoder_sparse_step) == 0)
 
 
 @dataclass

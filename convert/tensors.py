@@ -57,16 +57,24 @@ class TensorRef:
         return self.loader((start, stop))
 
     def derive(self, name: str, step: str, fn: Callable[[np.ndarray], np.ndarray],
-               shape: tuple[int, ...], dtype: str | None = None) -> TensorRef:
-        """A new lazy tensor computed from this one by the pure function ``fn``."""
+               shape: tuple[int, ...], dtype: str | None = None,
+               row_separable: bool = False) -> TensorRef:
+        """A new lazy tensor computed from this one by the pure function ``fn``.
+
+        ``row_separable``: ``fn`` maps any leading-axis slice of the input to the same slice
+        of the output (a cast, a split along a later axis, ...), so the result still streams.
+        """
         parent = self
 
         def load(rows: tuple[int, int] | None) -> np.ndarray:
+            if row_separable:
+                return fn(parent.read() if rows is None else parent.read_rows(*rows))
             out = fn(parent.read())
             return out if rows is None else out[rows[0]:rows[1]]
 
         return replace(self, name=name, shape=tuple(shape), dtype=dtype or self.dtype,
-                       loader=load, derivation=(*self.derivation, step), row_streamable=False)
+                       loader=load, derivation=(*self.derivation, step),
+                       row_streamable=self.row_streamable and row_separable)
 
     def row_slice(self, name: str, step: str, start: int, stop: int) -> TensorRef:
         """Rows ``start:stop`` as a tensor of its own, still read lazily by row ranges."""
@@ -81,6 +89,21 @@ class TensorRef:
 
     def renamed(self, name: str) -> TensorRef:
         return replace(self, name=name)
+
+
+def stack_tensors(name: str, parts: list[TensorRef], step: str, source_name: str) -> TensorRef:
+    """``parts`` (same shape and dtype) stacked along a new leading axis, e.g. per-expert
+    weights into ``[E, ...]``; reading rows ``a:b`` reads only parts ``a..b-1``."""
+    first = parts[0]
+    if any(p.shape != first.shape or p.dtype != first.dtype for p in parts):
+        raise ValueError(f"{name}: cannot stack tensors of different shapes or dtypes")
+
+    def load(rows: tuple[int, int] | None) -> np.ndarray:
+        lo, hi = rows if rows is not None else (0, len(parts))
+        return np.stack([p.read() for p in parts[lo:hi]])
+
+    return TensorRef(name, first.dtype, (len(parts), *first.shape), source_name,
+                     first.source_file, load, (step,))
 
 
 def file_tensor(name: str, entry: SafetensorsEntry) -> TensorRef:

@@ -35,21 +35,43 @@ def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert weights (as saved) -> transformers 5's in-memory fused experts."""
+    import re
+
+    out, experts = {}, {}
+    for k, v in state.items():
+        m = re.match(r"(.*\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = v
+        else:
+            out[k] = v
+    for prefix, parts in experts.items():
+        n = len(parts["gate"])
+        out[prefix + "gate_up_proj"] = torch.stack(
+            [torch.cat([parts["gate"][e], parts["up"][e]]) for e in range(n)])
+        out[prefix + "down_proj"] = torch.stack([parts["down"][e] for e in range(n)])
+    return out
+
+
 class SeedModel(nn.Module):
     def __init__(self, ckpt: Path, base: Path | None = None):
         super().__init__()
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+        from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
         cfg = json.loads((ckpt / "config.json").read_text())
         text = cfg.get("text_config") or json.loads(((base or Path(cfg["base_model_name"])) /
                                                      "config.json").read_text())
+        moe = text.get("model_type") == "qwen3_moe"
         text = {k: v for k, v in text.items() if k not in ("architectures", "model_type")}
-        qcfg = Qwen3Config(**text)
+        qcfg = (Qwen3MoeConfig if moe else Qwen3Config)(**text)
         qcfg._attn_implementation = "eager"
         state = {k: v.float() for k, v in _state_dict(ckpt).items()}
-        self.lm = Qwen3ForCausalLM(qcfg).float()
+        self.lm = (Qwen3MoeForCausalLM if moe else Qwen3ForCausalLM)(qcfg).float()
         lm_state = {k[len("language_model."):]: v for k, v in state.items()
                     if k.startswith("language_model.")}
+        if moe:
+            lm_state = fuse_experts(lm_state)
         if "lm_head.weight" not in lm_state:
             lm_state["lm_head.weight"] = lm_state["model.embed_tokens.weight"]
         self.lm.load_state_dict(lm_state, strict=True)

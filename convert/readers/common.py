@@ -125,6 +125,12 @@ def text_spec_from_config(cfg: dict[str, Any], where: str) -> TextSpec:
             attention_bias=bool(cfg.get("attention_bias", False)),
             hidden_act=str(cfg.get("hidden_act", "silu")),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
+            num_experts=int(cfg.get("num_experts") or 0),
+            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
+            mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
             raw_config=dict(cfg),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -142,16 +148,26 @@ def lm_tensor_names(text: TextSpec, tied: bool) -> list[str]:
             if text.attention_bias:
                 names.append(f"{p}self_attn.{proj}_proj.bias")
         names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight",
-                  p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+                  p + "post_attention_layernorm.weight"]
+        names += [p + f"mlp.{n}" for n in mlp_tensor_suffixes(text, i)]
     names.append("model.norm.weight")
     if not tied:
         names.append("lm_head.weight")
     return names
 
 
+MOE_SUFFIXES = ("gate.weight", "experts.gate_proj", "experts.up_proj", "experts.down_proj")
+DENSE_SUFFIXES = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def mlp_tensor_suffixes(text: TextSpec, layer: int) -> tuple[str, ...]:
+    """Canonical names under ``model.layers.{layer}.mlp.`` (see convert/model.py)."""
+    return MOE_SUFFIXES if text.layer_is_moe(layer) else DENSE_SUFFIXES
+
+
 def expected_lm_shapes(text: TextSpec) -> dict[str, tuple[int, ...]]:
     h, i, d = text.hidden_size, text.intermediate_size, text.head_dim
+    e, mi = text.num_experts, text.moe_intermediate_size
     q, kv = text.num_attention_heads * d, text.num_key_value_heads * d
     per_layer = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
@@ -160,12 +176,16 @@ def expected_lm_shapes(text: TextSpec) -> dict[str, tuple[int, ...]]:
         "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
         "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,),
         "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
-        "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
     }
+    dense = {"gate_proj.weight": (i, h), "up_proj.weight": (i, h), "down_proj.weight": (h, i)}
+    moe = {"gate.weight": (e, h), "experts.gate_proj": (e, mi, h), "experts.up_proj": (e, mi, h),
+           "experts.down_proj": (e, h, mi)}
     shapes = {"model.norm.weight": (h,)}
     for layer in range(text.num_hidden_layers):
         for suffix, shape in per_layer.items():
             shapes[f"model.layers.{layer}.{suffix}"] = shape
+        for suffix, shape in (moe if text.layer_is_moe(layer) else dense).items():
+            shapes[f"model.layers.{layer}.mlp.{suffix}"] = shape
     return shapes
 
 

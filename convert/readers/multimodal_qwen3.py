@@ -24,7 +24,7 @@ from mmconvert.convert.readers.common import (
     open_weight_files,
     projector_tensors,
 )
-from mmconvert.convert.readers.names import split_fused_gate_up, unwrap_names
+from mmconvert.convert.readers.names import split_fused_gate_up, stack_experts, unwrap_names
 
 LM_PREFIX = "language_model."
 PROJECTOR_PREFIX = "multimodal_projector.projectors."
@@ -58,7 +58,12 @@ class MultimodalQwen3Reader:
             elif not name.startswith(PROJECTOR_PREFIX):
                 raise CheckpointError(f"{path}: tensor {name!r} belongs to neither the language "
                                       "model nor the projectors")
-        lm, fused = split_fused_gate_up(lm, gate_first=bool(mm_config.get("gate_up_gate_first", True)))
+        gate_first = bool(mm_config.get("gate_up_gate_first", True))
+        lm, fused = split_fused_gate_up(lm, gate_first=gate_first)
+        try:
+            lm, _ = stack_experts(lm, gate_first=gate_first)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
         if fused:
             warnings.append(f"split {fused} fused gate_up_proj tensors into gate_proj/up_proj")
         hidden = int(text_config.get("hidden_size", 0))

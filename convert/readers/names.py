@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from mmconvert.convert.tensors import TensorRef
+from mmconvert.convert.tensors import TensorRef, stack_tensors
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.)gate_up_proj\.weight$")
@@ -67,3 +67,45 @@ def split_fused_gate_up(lm: dict[str, TensorRef], gate_first: bool = True) -> tu
             target = f"{m.group(1)}{part}_proj.weight"
             out[target] = ref.row_slice(target, f"split_gate_up({order})[{part}]", lo, hi)
     return out, fused
+
+
+PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
+FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)gate_up_proj$")
+
+
+def stack_experts(lm: dict[str, TensorRef], gate_first: bool = True) -> tuple[dict[str, TensorRef], int]:
+    """Bring Qwen3-MoE experts to the canonical stacked form (``experts.{gate,up,down}_proj``).
+
+    Accepts what ``save_pretrained`` writes (``experts.{e}.gate_proj.weight``, one tensor per
+    expert: stacked lazily, reading one expert per row) and what transformers 5 holds in memory
+    (``experts.gate_up_proj [E, 2I, H]``: split along axis 1, row-separable so it streams; its
+    ``experts.down_proj [E, H, I]`` already has the canonical name).
+    """
+    out: dict[str, TensorRef] = {}
+    groups: dict[tuple[str, str], dict[int, TensorRef]] = {}
+    for name, ref in lm.items():
+        m = PER_EXPERT.match(name)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = ref
+            continue
+        m = FUSED_EXPERTS.match(name)
+        if m and len(ref.shape) == 3:
+            half = ref.shape[1] // 2
+            shape = (ref.shape[0], half, ref.shape[2])
+            order = "gate,up" if gate_first else "up,gate"
+            for part, first_half in (("gate", gate_first), ("up", not gate_first)):
+                sl = slice(0, half) if first_half else slice(half, 2 * half)
+                out[f"{m.group(1)}{part}_proj"] = ref.derive(
+                    f"{m.group(1)}{part}_proj", f"split_gate_up({order})[{part}]",
+                    lambda a, sl=sl: a[:, sl, :], shape, row_separable=True)
+            continue
+        out[name] = ref
+    for (prefix, part), experts in groups.items():
+        count = max(experts) + 1
+        if sorted(experts) != list(range(count)):
+            missing = sorted(set(range(count)) - set(experts))
+            raise ValueError(f"{prefix}: experts {missing} missing for {part}_proj")
+        name = f"{prefix}{part}_proj"
+        out[name] = stack_tensors(name, [experts[e] for e in range(count)], "stack_experts",
+                                  f"{prefix}*.{part}_proj.weight")
+    return out, len(groups)
