@@ -176,6 +176,10 @@ class CanonicalModel:
         for ref in self.tensors.refs():
             dtypes[ref.dtype] = dtypes.get(ref.dtype, 0) + 1
         lm_params = sum(r.numel for r in self.tensors.refs() if not r.name.startswith("mm."))
+        transforms: dict[str, int] = {}
+        for ref in self.tensors.refs():
+            for step in ref.derivation:
+                transforms[step] = transforms.get(step, 0) + 1
         return {
             "dialect": self.dialect,
             "source": str(self.source),
@@ -207,6 +211,7 @@ class CanonicalModel:
             "parameters": {"language_model": lm_params,
                            "projectors": self.tensors.total_params() - lm_params},
             "tensors": len(self.tensors),
+            "read_transforms": transforms,
             "files": {role: path for role, path in self.source_files_from.items()},
             "warnings": list(self.warnings),
         }
