@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
 
@@ -56,6 +57,8 @@ def _format_inspect(s: dict) -> str:
     lines.append(f"parameters:       {p['language_model']:,} LM + {p['projectors']:,} projectors "
                  f"in {s['tensors']} tensors")
     lines.append("dtypes:           " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()))
+    for step, count in s["read_transforms"].items():
+        lines.append(f"transform:        {step} on {count} tensors")
     lines.append("files:")
     lines += [f"  {role}: {path}" for role, path in s["files"].items()]
     for w in s["warnings"]:
@@ -89,9 +92,10 @@ def inspect_cmd(ckpt: Path, base, projector, projector_config, rope_layout, as_j
 @source_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@push_options
 @user_errors
 def to_safetensors_cmd(ckpt: Path, out, dtype, naming, max_shard_size, base, projector,
-                       projector_config, rope_layout, force, dry_run) -> None:
+                       projector_config, rope_layout, force, dry_run, push: PushRequest) -> None:
     """Write every tensor (language model and projectors) as sharded safetensors with an
     index. Pickled inputs become safetensors without executing anything; tied tensors are
     written once."""
@@ -111,6 +115,7 @@ def to_safetensors_cmd(ckpt: Path, out, dtype, naming, max_shard_size, base, pro
     files = export_safetensors(model, out, naming=naming, dtype=dtype, max_shard_bytes=shard_bytes,
                                force=force)
     click.echo(f"wrote {len(files)} files to {out}")
+    push_after_export(out, push)
 
 
 COMMANDS = [example_cmd, inspect_cmd, to_safetensors_cmd]

@@ -17,3 +17,31 @@ class UnsupportedError(MMConvertError):
 
 class OutputError(MMConvertError):
     """The output location cannot be written (exists without --force, ...)."""
+
+
+class BundleError(MMConvertError):
+    """The folder is not an mmconvert bundle (no readable ``mmconvert.json``) or is incomplete."""
+
+
+class HubError(MMConvertError):
+    """The Hugging Face Hub refused a request for a reason not covered by a subclass."""
+
+
+class HubLoginError(HubError):
+    """No token: neither ``--token``, ``HF_TOKEN`` nor a saved ``hf auth login``."""
+
+
+class HubAuthError(HubError):
+    """The Hub rejected the token (HTTP 401): invalid, expired or revoked."""
+
+
+class HubPermissionError(HubError):
+    """The token is valid but may not write there (HTTP 403, or a read-only token)."""
+
+
+class HubRepoNotFoundError(HubError):
+    """The repository does not exist and will not be created (``--revision`` was given)."""
+
+
+class HubConnectionError(HubError):
+    """The Hub endpoint cannot be reached (network down, wrong ``HF_ENDPOINT``, offline mode)."""
