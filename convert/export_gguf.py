@@ -1,0 +1,159 @@
+"""The GGUF bundle: one text GGUF per ``--outtype`` (optionally split), the projector GGUF and
+``mmconvert.json``.
+
+Work happens in two phases, as the writer wants: :func:`prepare_gguf` builds every plan, all
+metadata and the byte layout of every file (this is also ``--dry-run``); :func:`export_gguf`
+then streams the tensor data of all files in one pass over the source, so several outtypes
+cost one read of the checkpoint.
+
+File names follow the Hub's habits: ``<Name>-<Size>-<QUANT>.gguf`` (``Size`` the parameter
+count as llama.cpp's ``general.size_label``), shards ``<Name>-<Size>-<QUANT>-00001-of-00002.gguf``
+and ``mmproj-<Name>-<QUANT>.gguf``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmconvert.convert.gguf_metadata import size_label, text_metadata
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.plan import Plan
+from mmconvert.convert.plan_gguf import (
+    gguf_tensors,
+    parameter_count,
+    plan_gguf,
+    resolve_outtype,
+    text_sources,
+)
+from mmconvert.convert.plan_mmproj import mmproj_metadata, plan_mmproj
+from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.gguf_vocab import build_vocab
+from mmconvert.formats.gguf_writer import GGUFFile, Metadata, layout_gguf, write_gguf
+from mmconvert.formats.hashing import SourceHashes
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class GGUFJob:
+    """Everything a GGUF export writes, laid out to the byte."""
+
+    name: str
+    size_label: str
+    plans: list[Plan]
+    files: list[GGUFFile]
+    outputs: list[dict]  # manifest entries: path, role, quant, outtype, split
+    pre_tokenizer: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """``--dry-run``: the plans, then the files that would be written."""
+        parts = [f"# name: {self.name}, size label: {self.size_label}"]
+        parts += [f"# {n}" for n in self.notes]
+        parts += [p.describe() for p in self.plans]
+        lines = ["# files:"]
+        for entry, f in zip(self.outputs, self.files):
+            lines.append(f"  {f.name}  ({entry['role']}, {entry['quant']}, "
+                         f"{len(f.tensors)} tensors, {f.size:,} bytes)")
+        return "\n\n".join(parts + ["\n".join(lines)])
+
+
+def default_name(model: CanonicalModel) -> str:
+    """The checkpoint folder's name, as a file-name-safe string."""
+    return sanitize_name(Path(model.source).resolve().name) or "model"
+
+
+def sanitize_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name.strip()).strip("-.")
+
+
+def text_stem(name: str, label: str, quant: str) -> str:
+    """``<Name>-<Size>-<QUANT>``; a name that already ends in its size is not repeated."""
+    if name.lower().endswith(f"-{label.lower()}") or name.lower() == label.lower():
+        return f"{name}-{quant}"
+    return f"{name}-{label}-{quant}"
+
+
+def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
+                 projector_outtype: str = "f16", name: str | None = None,
+                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None
+                 ) -> GGUFJob:
+    """Plan and lay out every file. Outtypes resolving to the same type are written once."""
+    name = sanitize_name(name) if name else default_name(model)
+    sources = text_sources(model)  # shared: derived tensors are read once for all outtypes
+    vocab = build_vocab(model, model.text.vocab_size, pre_tokenizer)
+    vocab_keys = Metadata()  # built and encoded once, shared by every outtype's file
+    vocab.add_to(vocab_keys)
+    notes = list(vocab.notes) + [f"warning: {w}" for w in model.warnings]
+    label = ""
+    plans: list[Plan] = []
+    files: list[GGUFFile] = []
+    outputs: list[dict] = []
+    seen: list[str] = []
+    for outtype in outtypes:
+        ggml = resolve_outtype(model, outtype)
+        if ggml in seen:
+            continue
+        seen.append(ggml)
+        plan = plan_gguf(model, outtype, sources)
+        label = label or size_label(parameter_count(plan))
+        md = text_metadata(model, ggml, name, label, plan.notes)
+        md.update(vocab_keys)
+        shards = layout_gguf(text_stem(name, label, ggml), md, gguf_tensors(plan),
+                             split_max_bytes=split_max_bytes)
+        plans.append(plan)
+        files += shards
+        outputs += [{"path": f.name, "role": "text", "quant": ggml, "outtype": outtype,
+                     "split": [i + 1, len(shards)]} for i, f in enumerate(shards)]
+    if model.projectors:
+        plan = plan_mmproj(model, projector_outtype)
+        ggml = projector_outtype.upper()
+        md = mmproj_metadata(model, ggml, name)
+        (mm,) = layout_gguf(f"mmproj-{name}-{ggml}", md, gguf_tensors(plan))
+        plans.append(plan)
+        files.append(mm)
+        outputs.append({"path": mm.name, "role": "projector", "quant": ggml,
+                        "outtype": projector_outtype, "split": [1, 1]})
+    return GGUFJob(name, label, plans, files, outputs, vocab.pre, notes)
+
+
+def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = ("auto",),
+                projector_outtype: str = "f16", name: str | None = None,
+                split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
+                force: bool = False, progress: bool | None = None, log: Log | None = None,
+                checksums: bool = True) -> list[str]:
+    """Write the GGUF bundle into ``out``; return the file names written.
+
+    ``checksums``: record the sha256 of every source and output file in the manifest. Outputs
+    are hashed while they are written and sources in the background (and remembered in the
+    hash cache, see :mod:`mmconvert.formats.hashing`); ``False`` records sizes only.
+    """
+    job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
+                       split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer)
+    for note in job.notes:
+        if log is not None:
+            log(note)
+    sources = SourceHashes(manifest_sources(model)) if checksums else None
+    digests: dict[str, str] | None = {} if checksums else None
+    with BundleDir(out, force) as tmp:
+        names = write_gguf(tmp, job.files, progress=progress, digests=digests)
+        transforms: list[str] = []
+        for plan in job.plans:
+            transforms += [s for s in plan.transforms_applied() if s not in transforms]
+        write_manifest(
+            tmp, kind="gguf", model=model,
+            options={"outtypes": list(outtypes), "projector_outtype": projector_outtype,
+                     "name": job.name, "split_max_bytes": split_max_bytes,
+                     "pre_tokenizer": pre_tokenizer, "checksums": checksums},
+            transforms=transforms, checksums=checksums,
+            source_hashes=sources.result() if sources else None, output_hashes=digests,
+            extra={"name": job.name, "size_label": job.size_label, "files": job.outputs,
+                   "pre_tokenizer": job.pre_tokenizer,
+                   "modalities": [{"name": m, "input_dim": p.input_dim,
+                                   "output_dim": p.output_dim}
+                                  for m, p in model.projectors.items()],
+                   "tensors": {t.name: t.source.name for p in job.plans for t in p.tensors}})
+    return names + ["mmconvert.json"]
