@@ -13,7 +13,8 @@ from pathlib import Path
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_hf import PROJECTOR_FILE, PROJECTOR_STEM, hf_config_dtype, plan_hf
-from mmconvert.formats.bundle import BundleDir, write_manifest
+from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.hf_folder import write_hf_files
 from mmconvert.formats.safetensors_writer import write_safetensors
 
@@ -26,9 +27,11 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
     """Write the HF bundle to ``out`` (atomically); return the files written."""
     out = Path(out)
     lm_plan, projector_plan = plan_hf(model, dtype)
+    sources = SourceHashes(manifest_sources(model))  # overlaps the writing
+    digests: dict[str, str] = {}
     with BundleDir(out, force) as tmp:
         files = write_safetensors(tmp, lm_plan.tensors, max_shard_bytes=max_shard_bytes,
-                                  progress=progress)
+                                  progress=progress, digests=digests)
         # the projector is small: always one file, whatever the shard limit
         whole = sum(t.source.nbytes for t in projector_plan.tensors) * 2 + 1
         files += write_safetensors(tmp, projector_plan.tensors, stem=PROJECTOR_STEM,
@@ -40,7 +43,8 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
         transforms += [t for t in projector_plan.transforms_applied() if t not in transforms]
         write_manifest(tmp, kind="hf", model=model,
                        options={"dtype": dtype, "max_shard_bytes": max_shard_bytes},
-                       transforms=transforms,
+                       transforms=transforms, source_hashes=sources.result(),
+                       output_hashes=digests,
                        extra={"tensors": {t.name: t.source.name
                                           for t in lm_plan.tensors + projector_plan.tensors}})
     return files + ["mmconvert.json"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_safetensors import plan_safetensors
-from mmconvert.formats.bundle import BundleDir, write_manifest
+from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.safetensors_writer import write_safetensors
 
 
@@ -17,13 +18,16 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
                        force: bool = False, progress: bool | None = None) -> list[str]:
     """Write the safetensors bundle to ``out``; return the files written."""
     plan = plan_safetensors(model, naming, dtype)
+    sources = SourceHashes(manifest_sources(model))  # overlaps the writing
+    digests: dict[str, str] = {}
     with BundleDir(out, force) as tmp:
         files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
-                                  progress=progress)
+                                  progress=progress, digests=digests)
         files += copy_side_files(model, tmp, with_config=naming == "source")
         write_manifest(tmp, kind="safetensors", model=model,
                        options={"naming": naming, "dtype": dtype, "max_shard_bytes": max_shard_bytes},
-                       transforms=plan.transforms_applied(),
+                       transforms=plan.transforms_applied(), source_hashes=sources.result(),
+                       output_hashes=digests,
                        extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors}})
     return files + ["mmconvert.json"]
 

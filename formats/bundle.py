@@ -7,7 +7,6 @@ unless ``force`` is set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,16 +17,9 @@ from typing import Any
 
 from mmconvert import __version__
 from mmconvert.convert.errors import OutputError
+from mmconvert.formats.hashing import sha256_file, sha256_sources
 
 MANIFEST = "mmconvert.json"
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
@@ -68,23 +60,39 @@ class BundleDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def manifest_sources(model) -> list[Path]:
+    """The files a bundle is made from: weights, config, tokenizer, generation config."""
+    sources = [Path(p) for p in model.source_files]
+    sources += [Path(p) for role, p in model.source_files_from.items()
+                if role in ("config", "tokenizer", "generation_config", "adapter")
+                and Path(p).is_file()]
+    return list(dict.fromkeys(sources))
+
+
 def write_manifest(folder: Path, *, kind: str, model, options: dict[str, Any],
                    transforms: list[str], extra: dict[str, Any] | None = None,
-                   source_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+                   source_hashes: dict[str, str] | None = None,
+                   output_hashes: dict[str, str] | None = None,
+                   checksums: bool = True) -> dict[str, Any]:
     """Write ``mmconvert.json``: tool version, sources with sha256, transforms, outputs with sha256.
 
     ``model`` is the :class:`CanonicalModel` converted. Output paths are relative to ``folder``.
+    ``source_hashes`` / ``output_hashes`` (relative name -> sha256) are hashes already known,
+    e.g. computed while writing (see :mod:`mmconvert.formats.hashing`); the rest are computed,
+    sources through the hash cache.
+    ``checksums=False`` records sizes with ``"sha256": null`` (hashing re-reads every byte of
+    input and output, which costs more than a whole GGUF conversion).
     """
-    sources = [Path(p) for p in model.source_files]
-    sources += [Path(p) for role, p in model.source_files_from.items()
-                if role in ("config", "tokenizer", "generation_config") and Path(p).is_file()]
-    seen: list[Path] = []
-    for p in sources:
-        if p not in seen:
-            seen.append(p)
-    hashes = source_hashes or sha256_files(seen)
+    seen = manifest_sources(model)
     outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    out_hashes = sha256_files(outputs)
+    if checksums:
+        hashes = dict(source_hashes or {})
+        hashes.update(sha256_sources(p for p in seen if str(p) not in hashes))
+        known = {str(folder / k): v for k, v in (output_hashes or {}).items()}
+        out_hashes = {**known, **sha256_files(p for p in outputs if str(p) not in known)}
+    else:
+        hashes = dict.fromkeys(map(str, seen))
+        out_hashes = dict.fromkeys(map(str, outputs))
     manifest = {
         "tool": "mmconvert",
         "version": __version__,

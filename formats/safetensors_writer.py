@@ -75,8 +75,12 @@ def _encoder(src: str, dst: str):
 
 def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_bytes: int,
                       metadata: dict[str, str] | None = None, stem: str = "model",
-                      progress: bool | None = None) -> list[str]:
-    """Write ``tensors`` into ``folder``; return the file names written (index included)."""
+                      progress: bool | None = None,
+                      digests: dict[str, str] | None = None) -> list[str]:
+    """Write ``tensors`` into ``folder``; return the file names written (index included).
+
+    When ``digests`` is given, each shard's sha256 (computed while writing) is stored in it.
+    """
     metadata = {"format": "pt", **(metadata or {})}
     groups = shard_groups(tensors, max_shard_bytes)
     if len(groups) == 1:
@@ -91,7 +95,7 @@ def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_b
             data_start = 8 + len(raw)
             size = data_start + sum(math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
                                     for t in group)
-            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.ftruncate(fd, size)
                 os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
@@ -99,7 +103,10 @@ def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_b
                                     math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize,
                                     _encoder(t.source.dtype, t.dtype))
                         for t, off in zip(group, offsets)]
-                write_tensors(fd, jobs, bar)
+                digest = write_tensors(fd, jobs, bar,
+                                       digest_size=size if digests is not None else None)
+                if digests is not None and digest is not None:
+                    digests[name] = digest
             finally:
                 os.close(fd)
     finally:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmconvert.convert.tensors import TensorRef
+from mmconvert.formats.hashing import sha256_following
 
 CHUNK_BYTES = 32 << 20  # source bytes read per slice
 
@@ -79,14 +80,19 @@ def write_one(fd: int, job: TensorWrite, progress: Progress | None = None) -> No
 
 
 def write_tensors(fd: int, jobs: Sequence[TensorWrite], progress: Progress | None = None,
-                  workers: int | None = None) -> None:
-    """Write every job; the biggest tensors start first so the pool stays busy to the end."""
+                  workers: int | None = None, digest_size: int | None = None) -> str | None:
+    """Write every job (the header must already be in place).
+
+    Jobs run in file order on a thread pool; with ``digest_size`` (the final file size) the
+    calling thread hashes each region as soon as it is written and the sha256 is returned.
+    """
     workers = workers or max(1, os.cpu_count() or 1)
-    ordered = sorted(jobs, key=lambda j: -j.source.nbytes)
-    if workers == 1:
-        for job in ordered:
-            write_one(fd, job, progress)
-        return
+    ordered = sorted(jobs, key=lambda j: j.offset)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for future in [pool.submit(write_one, fd, job, progress) for job in ordered]:
+        futures = [pool.submit(write_one, fd, job, progress) for job in ordered]
+        if digest_size is not None:
+            regions = [(job.offset + job.nbytes, f) for job, f in zip(ordered, futures)]
+            return sha256_following(fd, digest_size, regions)
+        for future in futures:
             future.result()
+    return None
