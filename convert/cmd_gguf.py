@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
 OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "auto"]
@@ -42,10 +43,11 @@ OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
                    "(outputs are hashed while written, sources once per file version).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and files and write nothing.")
+@push_options
 @user_errors
 def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, name,
                 pre_tokenizer, base, projector, projector_config, rope_layout, checksums,
-                force, dry_run) -> None:
+                force, dry_run, push: PushRequest) -> None:
     """Write GGUF files for llama.cpp: the Qwen3 text model with its full tokenizer (one file
     per --outtype), the projector GGUF for the embedding-only modalities
     (docs/gguf-projector.md) and mmconvert.json.
@@ -74,6 +76,7 @@ def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, na
     files = export_gguf(model, out, force=force, checksums=checksums,
                         log=lambda m: click.echo(m, err=True), **options)
     click.echo(f"wrote {len(files)} files to {out}: {', '.join(files)}")
+    push_after_export(out, push)
 
 
 COMMANDS = [to_gguf_cmd]

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
 
@@ -23,9 +24,10 @@ from mmconvert.convert.errors import OutputError
 @source_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@push_options
 @user_errors
 def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, base, projector,
-              projector_config, rope_layout, force: bool, dry_run: bool) -> None:
+              projector_config, rope_layout, force: bool, dry_run: bool, push: PushRequest) -> None:
     """Write a Hugging Face folder: a standard Qwen3 model (loads with plain
     AutoModelForCausalLM, vLLM, ...) plus the projectors in multimodal_projector.safetensors and
     remote code, so that from_pretrained(OUT, trust_remote_code=True) takes
@@ -58,6 +60,7 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, bas
         out = source.parent / f"{source.name}-hf"
     files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
     click.echo(f"wrote {len(files)} files to {out}")
+    push_after_export(out, push)
 
 
 COMMANDS = [to_hf_cmd]

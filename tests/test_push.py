@@ -309,12 +309,17 @@ def test_folder_that_is_not_a_bundle(hub, example_ckpt, tmp_path):
 
 
 # -- --push-to on converting commands --------------------------------------------------------
-def test_to_safetensors_push_to(hub, example_ckpt, tmp_path):
-    out = tmp_path / "st"
-    result = _cli("to-safetensors", str(example_ckpt), "-o", str(out), "--push-to", REPO,
+@pytest.mark.parametrize("command,probe", [("to-safetensors", "model.safetensors"),
+                                           ("to-hf", "multimodal_projector.safetensors"),
+                                           ("to-gguf", "mmconvert.json")])
+def test_converting_commands_push_to(hub, example_ckpt, tmp_path, command, probe):
+    out = tmp_path / "bundle"
+    result = _cli(command, str(example_ckpt), "-o", str(out), "--push-to", REPO,
                   env={"HF_TOKEN": WRITE})
     assert result.exit_code == 0, result.output
-    assert hub.file(REPO, "model.safetensors") == (out / "model.safetensors").read_bytes()
+    assert hub.file(REPO, probe) == (out / probe).read_bytes()
+    for gguf in out.glob("*.gguf"):
+        assert hub.file(REPO, gguf.name) == gguf.read_bytes()
 
 
 @pytest.mark.parametrize("verdict", [0, 1])
