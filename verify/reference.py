@@ -3,10 +3,19 @@
 transformers' own ``Qwen3ForCausalLM`` runs the language model; the projectors are evaluated
 from their :class:`ProjectorSpec` (the same data every writer exports). Weights come from the
 canonical tensor table, so the reference sees exactly the source checkpoint's values.
+
+:class:`TorchMultimodalQwen3` is the same forward built from any set of canonical tensors: the
+GGUF and safetensors backends feed it the bundle's tensors (dequantised), so the source and a
+bundle differ only in the numbers, never in the code that runs them.
+
+Placement: one device (``cpu``, ``cuda``, ``cuda:1``), or accelerate's ``device_map`` when the
+model does not fit on one GPU (:func:`choose_placement`). Tensors are streamed: each is read
+from its file, cast and put on its device one at a time, so the weights never exist twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,6 +23,10 @@ import torch
 from mmconvert.convert.model import CanonicalModel, ProjectorSpec, TextSpec
 from mmconvert.formats.dtypes import to_torch
 from mmconvert.verify.fusion import as_rows, fusion_positions
+
+TensorLoader = Callable[[], torch.Tensor]
+# headroom left on each GPU for activations and logits when spreading a model with accelerate
+GPU_HEADROOM = 0.80
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -47,13 +60,14 @@ def project(spec: ProjectorSpec, weights: dict[str, torch.Tensor], x: torch.Tens
 
 
 def qwen3_config(text: TextSpec, dtype: torch.dtype = torch.float32):
-    from transformers import Qwen3Config
+    """transformers' config for ``text``: Qwen3, or Qwen3-MoE when it has experts."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": text.rope_theta}
     if text.rope_scaling:
         rope.update(text.rope_scaling)
         rope["rope_theta"] = text.rope_theta
-    return Qwen3Config(
+    common = dict(
         vocab_size=text.vocab_size, hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
         num_attention_heads=text.num_attention_heads, num_key_value_heads=text.num_key_value_heads,
@@ -62,43 +76,175 @@ def qwen3_config(text: TextSpec, dtype: torch.dtype = torch.float32):
         tie_word_embeddings=text.tie_word_embeddings, attention_bias=text.attention_bias,
         hidden_act=text.hidden_act, dtype=dtype,
     )
+    if not text.is_moe:
+        return Qwen3Config(**common)
+    return Qwen3MoeConfig(**common, num_experts=text.num_experts,
+                          num_experts_per_tok=text.num_experts_per_tok,
+                          moe_intermediate_size=text.moe_intermediate_size,
+                          norm_topk_prob=text.norm_topk_prob,
+                          decoder_sparse_step=text.decoder_sparse_step,
+                          mlp_only_layers=list(text.mlp_only_layers))
 
 
-class ReferenceModel:
-    """The source checkpoint's exact semantics in torch (fp32 by default)."""
+def transformers_loaders(tensors: Mapping[str, TensorLoader]) -> dict[str, TensorLoader]:
+    """Canonical LM tensors -> the parameter names transformers holds in memory.
 
-    def __init__(self, model: CanonicalModel, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers import Qwen3ForCausalLM
+    Canonical Qwen3-MoE experts are stacked per projection (``experts.gate_proj [E, I, H]``,
+    ``experts.up_proj``); transformers 5 keeps gate and up fused (``experts.gate_up_proj
+    [E, 2I, H]``, gate half first). Every other name is already transformers'.
+    """
+    out: dict[str, TensorLoader] = {}
+    for name, load in tensors.items():
+        if name.startswith("mm.") or name.endswith(".mlp.experts.up_proj"):
+            continue
+        if name.endswith(".mlp.experts.gate_proj"):
+            prefix = name[: -len("gate_proj")]
 
-        self.model = model
+            def fused(gate=load, up=tensors[prefix + "up_proj"]) -> torch.Tensor:
+                return torch.cat([gate(), up()], dim=1)
+
+            out[prefix + "gate_up_proj"] = fused
+        else:
+            out[name] = load
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return device
+
+
+def choose_placement(model_bytes: int, device: str, gpu_free: list[int] | None = None
+                     ) -> tuple[str, dict[int | str, int] | None]:
+    """(main device, accelerate ``max_memory`` or None).
+
+    A model that fits one GPU (with :data:`GPU_HEADROOM`) runs there; a bigger one is spread
+    by accelerate over every GPU and then CPU memory. CPU runs are never spread.
+    """
+    if not device.startswith("cuda"):
+        return device, None
+    if gpu_free is None:
+        gpu_free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if model_bytes <= GPU_HEADROOM * gpu_free[index]:
+        return f"cuda:{index}", None
+    budget: dict[int | str, int] = {i: int(GPU_HEADROOM * free) for i, free in enumerate(gpu_free)}
+    import psutil
+
+    budget["cpu"] = int(0.9 * psutil.virtual_memory().available)
+    return f"cuda:{index}", budget
+
+
+def canonical_to_neox(name: str, tensor: torch.Tensor, text: TextSpec) -> torch.Tensor:
+    """Rows of Q/K (and their per-head norms) from interleaved-pair to rotate-half order.
+
+    transformers' Qwen3 rotates halves; a source trained with interleaved pairs computes the
+    same attention scores once Q and K rows are reordered the same way in every head (the dot
+    product is invariant under a shared permutation, and so is the per-head RMSNorm when its
+    weight follows), so the reference stays exact without a second rope implementation.
+    """
+    from mmconvert.convert.transforms import interleaved_to_neox
+
+    heads = {"self_attn.q_proj.weight": text.num_attention_heads,
+             "self_attn.k_proj.weight": text.num_key_value_heads,
+             "self_attn.q_proj.bias": text.num_attention_heads,
+             "self_attn.k_proj.bias": text.num_key_value_heads,
+             "self_attn.q_norm.weight": 1, "self_attn.k_norm.weight": 1}
+    for suffix, n in heads.items():
+        if name.endswith(suffix):
+            return torch.from_numpy(interleaved_to_neox(tensor.float().numpy(), n)).to(tensor.dtype)
+    return tensor
+
+
+class TorchMultimodalQwen3:
+    """A multimodal Qwen3 (transformers Qwen3 + the projectors) from canonical-named tensors.
+
+    ``tensors`` maps canonical names to zero-argument loaders returning CPU torch tensors; each
+    is called once. ``device_map`` (accelerate) spreads the LM; ``max_memory`` asks accelerate
+    to infer one within those budgets.
+    """
+
+    def __init__(self, text: TextSpec, projectors: dict[str, ProjectorSpec],
+                 placeholder_id: int | None, tensors: Mapping[str, TensorLoader],
+                 device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 device_map: dict[str, Any] | None = None,
+                 max_memory: dict[int | str, int] | None = None):
+        from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+        self.text = text
+        self.projectors = projectors
+        self.placeholder_id = placeholder_id
         self.device = device
         self.dtype = dtype
-        config = qwen3_config(model.text, dtype)
+        config = qwen3_config(text, dtype)
         config._attn_implementation = "eager"
         with torch.device("meta"):
-            lm = Qwen3ForCausalLM(config)
-        state = {}
-        for ref in model.tensors.refs():
-            if ref.name.startswith("mm."):
-                continue
-            state[ref.name] = to_torch(ref.read(), ref.dtype).to(device=device, dtype=dtype)
-        if model.tied:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        lm.load_state_dict(state, strict=True, assign=True)
-        if model.tied:
-            lm.tie_weights()
+            lm = (Qwen3MoeForCausalLM if text.is_moe else Qwen3ForCausalLM)(config)
+        tied = "lm_head.weight" not in tensors
+        lm_loaders = transformers_loaders(tensors)
+        if max_memory is not None and device_map is None:
+            from accelerate import infer_auto_device_map
+
+            device_map = infer_auto_device_map(
+                lm, max_memory=max_memory, dtype=dtype,
+                no_split_module_classes=["Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"])
+        self.device_map = device_map
+        if device_map is None:
+            state = {n: load().to(device=device, dtype=dtype) for n, load in lm_loaders.items()}
+            if tied:
+                state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            lm.load_state_dict(state, strict=True, assign=True)
+        else:
+            self._load_mapped(lm, lm_loaders, tied)
         # non-persistent buffers (rotary inv_freq) were created on meta: rebuild them
-        lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config).to(device)
+        rotary_device = self._device_of("model.rotary_emb")
+        lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config).to(rotary_device)
+        if device_map is not None:
+            from accelerate import dispatch_model
+
+            lm = dispatch_model(lm, device_map=device_map, main_device=self._device_of("lm_head"))
         self.lm = lm.eval()
-        self.projector_weights = {
-            ref.name: to_torch(ref.read(), ref.dtype).to(device=device, dtype=dtype)
-            for ref in model.tensors.refs() if ref.name.startswith("mm.")
-        }
+        self.embed_device = self._device_of("model.embed_tokens")
+        self.projector_weights = {n: tensors[n]().to(device=self.embed_device, dtype=dtype)
+                                  for n in tensors if n.startswith("mm.")}
+
+    def _device_of(self, module: str) -> str:
+        if self.device_map is None:
+            return self.device
+        best = max((k for k in self.device_map if k == "" or module == k or
+                    module.startswith(k + ".")), key=len, default=None)
+        if best is None:  # a module accelerate did not list sits with the first one
+            best = next(iter(self.device_map))
+        where = self.device_map[best]
+        return f"cuda:{where}" if isinstance(where, int) else str(where)
+
+    def _load_mapped(self, lm, loaders: Mapping[str, TensorLoader], tied: bool) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, load in loaders.items():
+            where = self._device_of(name.rsplit(".", 1)[0])
+            set_module_tensor_to_device(lm, name, where, value=load(), dtype=self.dtype)
+        if tied:
+            if self._device_of("lm_head") == self._device_of("model.embed_tokens"):
+                lm.lm_head.weight = lm.model.embed_tokens.weight
+            else:  # tied across devices: each device needs its own copy
+                set_module_tensor_to_device(lm, "lm_head.weight", self._device_of("lm_head"),
+                                            value=lm.model.embed_tokens.weight.detach().cpu())
+
+    # -- forward ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def project(self, modality: str, item: torch.Tensor) -> torch.Tensor:
-        spec = self.model.projectors[modality]
-        x = as_rows(item).to(device=self.device, dtype=self.dtype)
+        spec = self.projectors[modality]
+        x = as_rows(item).to(device=self.embed_device, dtype=self.dtype)
+        if x.shape[-1] != spec.input_dim:
+            raise ValueError(f"modality {modality!r} takes input_dim {spec.input_dim}, got an "
+                             f"item of shape {list(item.shape)}")
         return project(spec, self.projector_weights, x)
 
     @torch.no_grad()
@@ -106,18 +252,16 @@ class ReferenceModel:
                          mm_inputs: dict[str, list[torch.Tensor]] | None = None
                          ) -> tuple[torch.Tensor, list[int], list[int | None]]:
         """(inputs_embeds [1, T, H], fused token ids, per-position projected row index)."""
-        rows = []
-        for modality in self.model.projectors:
-            for item in (mm_inputs or {}).get(modality, []):
-                rows.append(self.project(modality, item))
-        unknown = set(mm_inputs or {}) - set(self.model.projectors)
+        unknown = set(mm_inputs or {}) - set(self.projectors)
         if unknown:
             raise ValueError(f"unknown modalities {sorted(unknown)}; the model has "
-                             f"{list(self.model.projectors)}")
+                             f"{list(self.projectors)}")
+        rows = [self.project(modality, item) for modality in self.projectors
+                for item in (mm_inputs or {}).get(modality, [])]
         projected = torch.cat(rows) if rows else None
-        ids, where = fusion_positions(input_ids, self.model.multimodal_token_id,
+        ids, where = fusion_positions(input_ids, self.placeholder_id,
                                       0 if projected is None else projected.shape[0])
-        embeds = self.lm.model.embed_tokens(torch.tensor([ids], device=self.device))
+        embeds = self.lm.model.embed_tokens(torch.tensor([ids], device=self.embed_device))
         if projected is not None:
             index = [i for i, r in enumerate(where) if r is not None]
             embeds[0, index] = projected[[where[i] for i in index]].to(embeds.dtype)
@@ -131,3 +275,57 @@ class ReferenceModel:
         out = self.lm(inputs_embeds=embeds, use_cache=False)
         return out.logits[0].float().cpu()
 
+    @torch.no_grad()
+    def greedy(self, input_ids: list[int], mm_inputs: dict[str, list[torch.Tensor]] | None,
+               n: int, exclude: tuple[int, ...] = ()) -> list[int]:
+        """``n`` greedy tokens after the prompt (KV cache; ``exclude`` ids never chosen, so a
+        generated placeholder cannot change the fusion of the extended prompt)."""
+        if n <= 0:
+            return []
+        embeds, _, _ = self.fused_embeddings(input_ids, mm_inputs)
+        out = self.lm(inputs_embeds=embeds, use_cache=True)
+        tokens: list[int] = []
+        for step in range(n):
+            last = out.logits[0, -1].float()
+            if exclude:
+                last[list(exclude)] = float("-inf")
+            token = int(last.argmax())
+            tokens.append(token)
+            if step + 1 < n:
+                ids = torch.tensor([[token]], device=self.embed_device)
+                out = self.lm(input_ids=ids, past_key_values=out.past_key_values, use_cache=True)
+        return tokens
+
+
+def canonical_loaders(model: CanonicalModel) -> dict[str, TensorLoader]:
+    """Zero-argument torch loaders for every canonical tensor of ``model`` (rope layout undone)."""
+    interleaved = model.text.rope_layout == "interleaved"
+
+    def loader(ref) -> TensorLoader:
+        def load() -> torch.Tensor:
+            tensor = to_torch(ref.read(), ref.dtype)
+            return canonical_to_neox(ref.name, tensor, model.text) if interleaved else tensor
+        return load
+
+    return {ref.name: loader(ref) for ref in model.tensors.refs()}
+
+
+class ReferenceModel(TorchMultimodalQwen3):
+    """The source checkpoint's exact semantics in torch (fp32 by default)."""
+
+    def __init__(self, model: CanonicalModel, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, device_map: dict[str, Any] | None = None,
+                 max_memory: dict[int | str, int] | None = None):
+        self.model = model
+        super().__init__(model.text, model.projectors, model.multimodal_token_id,
+                         canonical_loaders(model), device=device, dtype=dtype,
+                         device_map=device_map, max_memory=max_memory)
+
+    @classmethod
+    def placed(cls, model: CanonicalModel, device: str = "auto",
+               dtype: torch.dtype = torch.float32) -> ReferenceModel:
+        """On ``device`` (``auto``: CUDA when available), spread by accelerate when too big."""
+        device = resolve_device(device)
+        nbytes = model.tensors.total_params() * torch.finfo(dtype).bits // 8
+        main, max_memory = choose_placement(nbytes, device)
+        return cls(model, device=main, dtype=dtype, max_memory=max_memory)

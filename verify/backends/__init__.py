@@ -1,0 +1,133 @@
+"""Backends: one way of running a bundle kind, registered by the kinds they handle.
+
+A bundle folder (its ``mmconvert.json`` says ``kind``: hf | safetensors | gguf) expands into
+:class:`Target` s, one per thing to run (a GGUF bundle with F16 and Q8_0 text files gives two
+per GGUF backend). A backend's :class:`Runner` exposes what verification needs and nothing
+else: the facts the bundle declares, its tensors read back in the canonical layout, and logits
+for a case. Everything else (metrics, thresholds, diagnosis, reports) is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmconvert.convert.errors import MMConvertError
+from mmconvert.convert.model import CanonicalModel
+from mmconvert.formats.bundle import read_manifest
+from mmconvert.verify.cases import Case
+
+
+class BundleError(MMConvertError):
+    """A bundle folder verify cannot read (exit 2)."""
+
+
+@dataclass
+class Target:
+    """One bundle file set run through one backend."""
+
+    bundle: Path
+    kind: str  # hf | safetensors | gguf
+    backend: str  # safetensors | hf | gguf_torch | gguf_llama
+    label: str  # what reports call it
+    output_type: str  # same | F32 | F16 | BF16 | Q8_0 | ... (selects thresholds)
+    files: list[Path] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    skip: str | None = None  # why it cannot run here (reported as skipped)
+
+
+@dataclass
+class BundleTensor:
+    """A bundle tensor, loadable as float32 in the canonical layout (plan transforms undone)."""
+
+    name: str  # canonical name
+    stored_as: str  # the bundle's name
+    dtype: str  # storage type in the bundle (BF16, F16, Q8_0, ...)
+    load: Callable[[], np.ndarray]
+    numel: int = 0
+
+
+class Runner:
+    """What a backend provides for one target. Subclasses fill in the four methods."""
+
+    def __init__(self, target: Target, model: CanonicalModel):
+        self.target = target
+        self.model = model
+
+    def facts(self) -> dict[str, Any]:
+        """Facts the bundle declares, keyed as :func:`mmconvert.verify.facts.source_facts`."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[BundleTensor]:
+        """Every tensor of the bundle (canonical name ``""`` when it maps to none)."""
+        raise NotImplementedError
+
+    def prepare(self, tensors: dict[str, BundleTensor], device: str, dtype: torch.dtype) -> None:
+        """Build the forward pass (torch-based runners load ``tensors`` through it)."""
+        raise NotImplementedError
+
+    def logits(self, case: Case) -> torch.Tensor:
+        """``[fused length, vocab]`` float32 logits for ``case.full_ids`` and its embeddings."""
+        raise NotImplementedError
+
+    def extra_checks(self) -> list[tuple[str, bool | None, str]]:
+        """Further (name, passed or None when skipped, message) checks, e.g. tokenizer parity."""
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+BackendFactory = Callable[[Target, CanonicalModel], Runner]
+# bundle kind -> [(backend name, targets(bundle, manifest) -> list[Target], runner factory)]
+REGISTRY: dict[str, list[tuple[str, Callable[[Path, dict], list[Target]], BackendFactory]]] = {}
+
+
+def register(kind: str, name: str, targets: Callable[[Path, dict], list[Target]],
+             factory: BackendFactory) -> None:
+    REGISTRY.setdefault(kind, []).append((name, targets, factory))
+
+
+def _load_builtin() -> None:
+    from mmconvert.verify.backends import gguf_llama, gguf_torch, hf, safetensors  # noqa: F401
+
+
+def backend_names() -> list[str]:
+    if not REGISTRY:
+        _load_builtin()
+    return [name for entries in REGISTRY.values() for name, _, _ in entries]
+
+
+def discover(bundle: Path, backends: tuple[str, ...] = ()) -> list[Target]:
+    """The targets of a bundle folder, for the chosen backends (all of its kind by default)."""
+    if not REGISTRY:
+        _load_builtin()
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such bundle folder")
+    manifest = read_manifest(bundle)
+    if manifest is None:
+        raise BundleError(f"{bundle}: no mmconvert.json; verify checks bundles written by "
+                          "mmconvert to-hf, to-safetensors or to-gguf")
+    kind = manifest.get("kind")
+    if kind not in REGISTRY:
+        raise BundleError(f"{bundle}: mmconvert.json says kind {kind!r}; expected one of "
+                          f"{', '.join(REGISTRY)}")
+    targets = []
+    for name, make_targets, _ in REGISTRY[kind]:
+        if backends and name not in backends:
+            continue
+        targets += make_targets(bundle, manifest)
+    return targets
+
+
+def open_runner(target: Target, model: CanonicalModel) -> Runner:
+    for name, _, factory in REGISTRY[target.kind]:
+        if name == target.backend:
+            return factory(target, model)
+    raise BundleError(f"no backend {target.backend!r} for kind {target.kind!r}")

@@ -1,0 +1,186 @@
+"""The Hugging Face bundle through transformers: ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)`` runs the bundle's own remote code, which takes ``mm_inputs`` and
+fuses the projected rows itself. Its tensors are compared with the source through the
+manifest's name map; its facts come from ``config.json`` (``multimodal_config``) and
+``generation_config.json``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
+from mmconvert.convert.readers.common import load_json, text_spec_from_config
+from mmconvert.convert.transforms import neox_to_interleaved
+from mmconvert.verify.backends import BundleError, BundleTensor, Runner, Target, register
+from mmconvert.verify.backends.safetensors import (
+    entry_tensor,
+    safetensors_entries,
+    tokenizer_file_check,
+)
+from mmconvert.verify.cases import Case
+from mmconvert.verify.facts import TEXT_KEYS, projector_facts
+from mmconvert.verify.reference import choose_placement
+
+
+def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, ProjectorSpec]:
+    """``config.json``'s ``multimodal_config.modalities`` as projector specs."""
+    specs = {}
+    for entry in mm.get("modalities") or []:
+        try:
+            layers = []
+            for layer in entry["layers"]:
+                kind = layer["kind"]
+                dim = layer.get("dim")
+                layers.append(ProjectorLayer(
+                    kind, layer["name"], int(layer.get("in_dim", dim or 0)),
+                    int(layer.get("out_dim", dim or 0)), activation=layer.get("activation"),
+                    eps=float(layer["eps"]) if kind == "layer_norm" else None,
+                    bias=bool(layer.get("bias", kind != "act"))))
+            specs[entry["name"]] = ProjectorSpec(
+                modality=entry["name"], input_dim=int(entry["input_dim"]),
+                hidden_dim=int(entry.get("hidden_dim", 0)), output_dim=int(entry["output_dim"]),
+                activation=str(entry.get("activation", "")),
+                layer_norm=any(x.kind == "layer_norm" for x in layers), layers=layers)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: multimodal_config modality entry {entry!r} is "
+                              f"malformed ({exc!r})") from exc
+    return specs
+
+
+class HFRunner(Runner):
+    def __init__(self, target: Target, model: CanonicalModel):
+        super().__init__(target, model)
+        self.folder = target.bundle
+        self.manifest: dict[str, Any] = target.options["manifest"]
+        self.names: dict[str, str] = dict(self.manifest.get("tensors") or {})
+        if not self.names:
+            raise BundleError(f"{self.folder}: mmconvert.json has no 'tensors' name map")
+        self.config = load_json(self.folder / "config.json", "config")
+        self.mm = self.config.get("multimodal_config") or {}
+        if not self.mm:
+            raise BundleError(f"{self.folder}/config.json: no multimodal_config")
+        gen = self.folder / "generation_config.json"
+        self.generation = load_json(gen, "generation config") if gen.is_file() else {}
+        self.entries = safetensors_entries(self.folder)
+        self.hf_model = None
+        self.loading: dict[str, list[str]] = {"missing_keys": [], "unexpected_keys": []}
+
+    def facts(self) -> dict[str, Any]:
+        text = text_spec_from_config(self.config, str(self.folder / "config.json"))
+        facts: dict[str, Any] = {f"text.{k}": getattr(text, k) for k in TEXT_KEYS
+                                 if k != "vocab_size"}
+        emb = next((e for n, e in self.entries.items()
+                    if self.names.get(n) == "model.embed_tokens.weight"), None)
+        if emb is not None:
+            facts["text.vocab_size"] = emb.shape[0]
+        eos: list[int] = []
+        for value in (self.config.get("eos_token_id"), self.generation.get("eos_token_id")):
+            for i in value if isinstance(value, list) else [value]:
+                if isinstance(i, int) and i not in eos:
+                    eos.append(i)
+        facts["special.eos_set"] = sorted(eos)
+        facts["placeholder.id"] = self.mm.get("placeholder_token_id")
+        facts["placeholder.token"] = self.mm.get("placeholder_token")
+        specs = projector_specs_from_config(self.mm, str(self.folder / "config.json"))
+        facts["modalities"] = list(specs)
+        for name, spec in specs.items():
+            for key, value in projector_facts(spec).items():
+                facts[f"projector.{name}.{key}"] = value
+        return facts
+
+    def _undo_rope(self, canonical: str, array: np.ndarray) -> np.ndarray:
+        """HF's Qwen3 rotates halves: an interleaved source was permuted per head."""
+        text = self.model.text
+        if text.rope_layout != "interleaved":
+            return array
+        for pattern, heads in ((r"self_attn\.q_proj\.", text.num_attention_heads),
+                               (r"self_attn\.k_proj\.", text.num_key_value_heads),
+                               (r"self_attn\.[qk]_norm\.", 1)):
+            if re.search(pattern, canonical):
+                return neox_to_interleaved(array, heads)
+        return array
+
+    def tensors(self) -> list[BundleTensor]:
+        out = []
+        for name, entry in self.entries.items():
+            bt = entry_tensor(self.names.get(name, ""), entry)
+            raw = bt.load
+
+            def load(raw=raw, canonical=bt.name) -> np.ndarray:
+                return self._undo_rope(canonical, raw())
+
+            out.append(BundleTensor(bt.name, bt.stored_as, bt.dtype, load, bt.numel))
+        return out
+
+    def prepare(self, tensors: dict[str, BundleTensor], device: str, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # verify prints its own progress
+        nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
+        main, max_memory = choose_placement(nbytes, device)
+        kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": dtype,
+                                  "local_files_only": True}
+        if main != "cpu":
+            kwargs["device_map"] = "auto" if max_memory else {"": main}
+            if max_memory:
+                kwargs["max_memory"] = max_memory
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report is ours to give (extra_checks)
+        try:
+            self.hf_model, info = AutoModelForCausalLM.from_pretrained(
+                str(self.folder), output_loading_info=True, **kwargs)
+        except Exception as exc:
+            raise BundleError(f"transformers cannot load {self.folder}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(level)
+        # weights transformers skipped or had to invent: the bundle's config and tensors
+        # disagree, and the model that runs is not the one whose tensors were checked
+        self.loading = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys")}
+        self.hf_model.eval()
+        self.device = next(self.hf_model.parameters()).device
+
+    @torch.no_grad()
+    def logits(self, case: Case) -> torch.Tensor:
+        ids = torch.tensor([case.full_ids], device=self.device)
+        mm = {m: [t.to(self.device) for t in items] for m, items in case.mm_inputs.items()}
+        out = self.hf_model(input_ids=ids, mm_inputs=mm or None, use_cache=False)
+        return out.logits[0].float().cpu()
+
+    def extra_checks(self) -> list[tuple[str, bool | None, str]]:
+        checks = [tokenizer_file_check(self.folder, self.model)]
+        missing, unexpected = self.loading["missing_keys"], self.loading["unexpected_keys"]
+        if missing or unexpected:
+            parts = []
+            if unexpected:
+                parts.append(f"{len(unexpected)} tensors of the bundle ignored ({unexpected[0]}, "
+                             "...)")
+            if missing:
+                parts.append(f"{len(missing)} parameters left randomly initialised "
+                             f"({missing[0]}, ...)")
+            checks.append(("transformers loading", False, "from_pretrained " + "; ".join(parts)
+                           + ": config.json does not describe the stored tensors"))
+        else:
+            checks.append(("transformers loading", True, "every tensor loaded, none missing"))
+        return checks
+
+    def close(self) -> None:
+        self.hf_model = None
+
+
+def hf_targets(bundle: Path, manifest: dict) -> list[Target]:
+    config = json.loads((bundle / "config.json").read_text("utf-8")) \
+        if (bundle / "config.json").is_file() else {}
+    if "auto_map" not in config:
+        raise BundleError(f"{bundle}: config.json has no auto_map (no remote code to run)")
+    return [Target(bundle, "hf", "hf", f"{bundle.name} (hf)", "auto",
+                   sorted(bundle.glob("*.safetensors")), {"manifest": manifest})]
+
+
+register("hf", "hf", hf_targets, HFRunner)

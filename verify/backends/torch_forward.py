@@ -1,0 +1,46 @@
+"""The forward pass shared by the backends that run a bundle's tensors in torch.
+
+The bundle's tensors (already in the canonical layout) go into the same
+:class:`TorchMultimodalQwen3` as the reference, so a difference in logits can only come from
+the numbers or from what the bundle declares (hyper-parameters, projector layers, placeholder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmconvert.convert.model import ProjectorSpec, TextSpec
+from mmconvert.verify.backends import BundleTensor
+from mmconvert.verify.cases import Case
+from mmconvert.verify.reference import (
+    TorchMultimodalQwen3,
+    canonical_to_neox,
+    choose_placement,
+)
+
+
+def build_forward(text: TextSpec, projectors: dict[str, ProjectorSpec],
+                  placeholder_id: int | None, tensors: dict[str, BundleTensor], device: str,
+                  dtype: torch.dtype, rope_layout: str = "neox") -> TorchMultimodalQwen3:
+    """``tensors`` are in the canonical layout, i.e. the source's rope layout: an interleaved
+    source is permuted to rotate-half here exactly as the reference does."""
+
+    def loader(bt: BundleTensor):
+        def load() -> torch.Tensor:
+            # gguf-py hands out read-only views of its memory map; torch wants writable memory
+            tensor = torch.from_numpy(np.require(bt.load(), requirements="W"))
+            if rope_layout == "interleaved":
+                tensor = canonical_to_neox(bt.name, tensor, text)
+            return tensor
+        return load
+
+    loaders = {name: loader(bt) for name, bt in tensors.items() if name}
+    nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
+    main, max_memory = choose_placement(nbytes, device)
+    return TorchMultimodalQwen3(text, projectors, placeholder_id, loaders, device=main,
+                                dtype=dtype, max_memory=max_memory)
+
+
+def case_logits(forward: TorchMultimodalQwen3, case: Case) -> torch.Tensor:
+    return forward.logits(case.full_ids, case.mm_inputs)

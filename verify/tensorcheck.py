@@ -1,0 +1,154 @@
+"""Tensor-level comparison of a bundle with its source, after undoing the plan's transforms.
+
+Every bundle tensor, read back in the canonical layout (names mapped back, rope permutation
+undone, blocks dequantised), is compared with the source tensor it was made from:
+
+- stored as F32 / F16 / BF16: it must equal the source value cast to that type, bit for bit
+  (round-to-nearest-even, as numpy and torch cast);
+- stored as a GGML block quantization: every element must lie within that type's worst-case
+  rounding error of its block, ``bound = factor * R`` with ``R`` the block's max |x| (Q8_0,
+  Q4_0, Q5_0) or max - min (Q4_1, Q5_1); :data:`QUANT_BOUNDS` documents the factors. A wrong
+  block scale, a corrupted row or a stray tensor misses that bound by orders of magnitude.
+
+The checks need no logits, so they also catch bugs too small to move a tiny model's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmconvert.formats.dtypes import bf16_to_f32, f32_to_bf16
+
+# GGML type -> (block size, factor, range kind). Factors from the quantizers (gguf-py and
+# ggml's reference ones): Q8_0 rounds to d = amax/127 (error ≤ d/2) and stores d as f16
+# (a further ≤ 127·d·2^-11); Q4_0/Q5_0 clip the side opposite the max to 7 or 15 steps (error
+# ≤ d = amax/8 or amax/16); Q4_1/Q5_1 round to (max-min)/15 or /31 steps and store the min as
+# f16 (plus 2^-10 of the block's max |x| for that rounding). Each factor carries ~5 % slack
+# over the bound it states.
+QUANT_BOUNDS: dict[str, tuple[int, float, str]] = {
+    "Q8_0": (32, 0.60 / 127, "amax"),
+    "Q4_0": (32, 1.05 / 8, "amax"),
+    "Q5_0": (32, 1.05 / 16, "amax"),
+    "Q4_1": (32, 0.60 / 15, "range"),
+    "Q5_1": (32, 0.60 / 31, "range"),
+}
+EXACT_TYPES = ("F32", "F16", "BF16", "F64")
+MAX_LISTED = 5
+
+
+@dataclass
+class TensorDiff:
+    """How one bundle tensor compares with its source tensor."""
+
+    name: str  # canonical name
+    stored_as: str  # the bundle's name for it
+    dtype: str  # storage type in the bundle
+    status: str  # ok | mismatch | missing | unexpected | shape | unchecked
+    numel: int = 0
+    bad: int = 0  # elements outside the tolerance
+    max_abs: float = 0.0
+    rel: float = 0.0  # max_abs / max |source|
+    bad_rows: list[int] = field(default_factory=list)  # first rows with a bad element
+    bad_row_count: int = 0
+    bad_blocks: list[tuple[int, int]] = field(default_factory=list)  # (row, first column)
+    bad_block_count: int = 0
+    hint: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "unchecked")
+
+    def describe(self) -> str:
+        where = f"{self.stored_as}" + (f" ({self.name})" if self.name != self.stored_as else "")
+        if self.status == "missing":
+            text = f"{where}: missing from the bundle"
+        elif self.status == "unexpected":
+            text = f"{where}: in the bundle but not in the checkpoint"
+        elif self.status == "shape":
+            text = f"{where}: {self.hint or 'shape differs'}"
+            return text
+        elif self.status == "unchecked":
+            text = f"{where}: {self.dtype} has no error bound here; not compared"
+        else:
+            text = (f"{where} [{self.dtype}]: {self.bad} of {self.numel} values off "
+                    f"(max |Δ| {self.max_abs:.3g}, {self.rel:.2%} of the tensor's max |x|)")
+            if self.bad_block_count and self.dtype in QUANT_BOUNDS:
+                blocks = ", ".join(f"row {r} col {c}" for r, c in self.bad_blocks)
+                text += f"; {self.bad_block_count} block(s) out of bound: {blocks}"
+            elif self.bad_row_count:
+                text += (f"; {self.bad_row_count} row(s) differ, first "
+                         f"{', '.join(map(str, self.bad_rows))}")
+        return text + (f" -> {self.hint}" if self.hint else "")
+
+
+def expected_exact(source: np.ndarray, dtype: str) -> np.ndarray:
+    """The source (float32) as it reads back after a cast to ``dtype``."""
+    if dtype == "F16":
+        return source.astype(np.float16).astype(np.float32)
+    if dtype == "BF16":
+        return bf16_to_f32(f32_to_bf16(source))
+    return source
+
+
+def _bad_mask(bundle: np.ndarray, source: np.ndarray, dtype: str) -> np.ndarray | None:
+    """Elements outside the tolerance for ``dtype``; None when no bound is known."""
+    if dtype in EXACT_TYPES:
+        want = expected_exact(source, dtype)
+        return ~((bundle == want) | (np.isnan(bundle) & np.isnan(want)))
+    if dtype not in QUANT_BOUNDS:
+        return None
+    block, factor, kind = QUANT_BOUNDS[dtype]
+    cols = source.shape[-1]
+    if cols % block:
+        return None
+    s = source.reshape(-1, cols // block, block)
+    b = bundle.reshape(-1, cols // block, block)
+    amax = np.abs(s).max(axis=-1, keepdims=True)
+    if kind == "amax":
+        bound = factor * amax
+    else:
+        # plus the f16 rounding of the stored minimum (2^-11 relative, doubled for slack)
+        span = s.max(axis=-1, keepdims=True) - s.min(axis=-1, keepdims=True)
+        bound = factor * span + 2.0**-10 * amax
+    # an f16 scale has an absolute floor near zero: 2^-24 per step, 127 steps at most
+    bound = bound + 127 * 2.0**-24
+    return ~(np.abs(b - s) <= bound).reshape(source.shape)
+
+
+def compare_tensor(name: str, stored_as: str, dtype: str, bundle: np.ndarray,
+                   source: np.ndarray) -> TensorDiff:
+    """Compare one bundle tensor (float32, canonical layout) with its source (float32)."""
+    diff = TensorDiff(name, stored_as, dtype, "ok", numel=int(source.size))
+    if tuple(bundle.shape) != tuple(source.shape):
+        diff.status = "shape"
+        diff.hint = (f"shape {list(bundle.shape)} in the bundle, {list(source.shape)} in the "
+                     "checkpoint" + (" (transposed)" if tuple(bundle.shape[::-1]) ==
+                                     tuple(source.shape) else ""))
+        return diff
+    mask = _bad_mask(bundle, source, dtype)
+    if mask is None:
+        diff.status = "unchecked"
+        return diff
+    delta = np.abs(bundle.astype(np.float64) - source.astype(np.float64))
+    finite = np.isfinite(delta)
+    diff.max_abs = float(delta[finite].max()) if finite.any() else 0.0
+    if not finite.all():
+        diff.max_abs = float("inf")
+    top = float(np.abs(source).max()) if source.size else 0.0
+    diff.rel = diff.max_abs / top if top else (0.0 if diff.max_abs == 0 else float("inf"))
+    diff.bad = int(mask.sum())
+    if diff.bad:
+        diff.status = "mismatch"
+        rows_mask = mask.reshape(source.shape[0], -1).any(axis=1) if source.ndim > 1 else mask
+        rows = np.flatnonzero(rows_mask)
+        diff.bad_row_count = int(rows.size)
+        diff.bad_rows = [int(r) for r in rows[:MAX_LISTED]]
+        if dtype in QUANT_BOUNDS and source.ndim > 1:
+            block = QUANT_BOUNDS[dtype][0]
+            blocks = mask.reshape(-1, source.shape[-1] // block, block).any(axis=-1)
+            where = np.argwhere(blocks)
+            diff.bad_block_count = int(where.shape[0])
+            diff.bad_blocks = [(int(r), int(c) * block) for r, c in where[:MAX_LISTED]]
+    return diff
