@@ -16,19 +16,19 @@ Types (``--outtype``)
   llama.cpp's own quantizer also keeps it at a higher precision (Q6_K, a type we do not write).
 
 Rope: llama.cpp runs Qwen3 with NEOX (rotate-half) rope, as HF does, so Q/K are copied as they
-are; a source declared ``interleaved`` gets its Q/K rows (and biases) permuted per head to NEOX.
+are; a source declared ``interleaved`` gets its Q/K rows (and biases, and the q/k norms)
+permuted per head to NEOX (:mod:`mmconvert.convert.rope`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
+from mmconvert.convert.rope import neox_fixups
 from mmconvert.convert.tensors import TensorRef
-from mmconvert.convert.transforms import interleaved_to_neox
 from mmconvert.formats import quants
 from mmconvert.formats.gguf_writer import GGUFTensor
 
@@ -101,42 +101,17 @@ def resolve_outtype(model: CanonicalModel, outtype: str) -> str:
     return "F16" if matrices and all(d == "F16" for d in matrices) else "BF16"
 
 
-def neox_from_interleaved(ref: TensorRef, n_heads: int) -> TensorRef:
-    """``ref`` with each head's rows reordered interleaved -> NEOX, still row-streamable: a row
-    slice reads the whole heads around it, permutes them and returns the asked rows."""
-    head_dim = ref.shape[0] // n_heads
-    derived = ref.derive(ref.name, f"interleaved_to_neox(heads={n_heads})",
-                         lambda a: interleaved_to_neox(a, n_heads), ref.shape)
-
-    def load(rows: tuple[int, int] | None):
-        if rows is None:
-            return interleaved_to_neox(ref.read(), n_heads)
-        start, stop = rows
-        first, last = start // head_dim, -(-stop // head_dim)
-        block = ref.read_rows(first * head_dim, last * head_dim)
-        out = interleaved_to_neox(block, last - first)
-        return out[start - first * head_dim: stop - first * head_dim]
-
-    return replace(derived, loader=load, row_streamable=ref.row_streamable)
-
-
 def text_sources(model: CanonicalModel) -> list[tuple[str, TensorRef]]:
     """(GGUF name, lazy source) for every text-model tensor, rope layout fixed up, in
     llama.cpp's reading order. Build once and share between outtypes so that one read of the
     source feeds every output file."""
     architecture(model)
-    text = model.text
+    fixups = neox_fixups(model)
     out = []
     for ref in model.tensors.refs():
         if ref.name.startswith("mm."):
             continue
-        name = gguf_tensor_name(ref.name)
-        if text.rope_layout == "interleaved":
-            if ".self_attn.q_proj." in ref.name:
-                ref = neox_from_interleaved(ref, text.num_attention_heads)
-            elif ".self_attn.k_proj." in ref.name:
-                ref = neox_from_interleaved(ref, text.num_key_value_heads)
-        out.append((name, ref))
+        out.append((gguf_tensor_name(ref.name), fixups.get(ref.name, ref)))
     return sorted(out, key=lambda item: _order(item[0]))
 
 

@@ -14,39 +14,12 @@ from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
 from mmconvert.convert.plan_safetensors import hf_name, target_dtype
-from mmconvert.convert.tensors import TensorRef
-from mmconvert.convert.transforms import interleaved_to_neox
+from mmconvert.convert.rope import neox_fixups
 from mmconvert.formats.dtypes import FLOAT_DTYPES, TORCH_NAMES
 
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
 PROJECTOR_STEM = "multimodal_projector"
 PROJECTOR_FILE = f"{PROJECTOR_STEM}.safetensors"
-
-
-def _to_neox(ref: TensorRef, n_heads: int) -> TensorRef:
-    """HF's Qwen3 applies rope rotate-half (NEOX); a source trained with interleaved pairs gets
-    its Q/K output rows (and the per-head q/k norm weights) permuted per head to match."""
-    return ref.derive(ref.name, f"interleaved_to_neox(heads={n_heads})",
-                      lambda a: interleaved_to_neox(a, n_heads), ref.shape)
-
-
-def _rope_fixups(model: CanonicalModel) -> dict[str, TensorRef]:
-    """Canonical name -> re-derived tensor for a source in the interleaved rope layout."""
-    text = model.text
-    if text.rope_layout == "neox":
-        return {}
-    heads = {"q_proj": text.num_attention_heads, "k_proj": text.num_key_value_heads}
-    fixed = {}
-    for i in range(text.num_hidden_layers):
-        p = f"model.layers.{i}.self_attn."
-        for proj, n in heads.items():
-            for part in ("weight", "bias"):
-                ref = model.tensors.get(f"{p}{proj}.{part}")
-                if ref is not None:
-                    fixed[ref.name] = _to_neox(ref, n)
-        for norm in ("q_norm.weight", "k_norm.weight"):
-            fixed[p + norm] = _to_neox(model.tensors[p + norm], 1)
-    return fixed
 
 
 def check_modality_names(model: CanonicalModel) -> None:
@@ -64,7 +37,7 @@ def plan_hf(model: CanonicalModel, dtype: str = "auto") -> tuple[Plan, Plan]:
     if dtype not in HF_DTYPES:
         raise UnsupportedError(f"--dtype {dtype!r}: use one of {', '.join(HF_DTYPES)}")
     check_modality_names(model)
-    fixups = _rope_fixups(model)
+    fixups = neox_fixups(model)
     lm, projector = [], []
     for ref in model.tensors.refs():
         ref = fixups.get(ref.name, ref)

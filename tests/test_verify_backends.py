@@ -87,14 +87,16 @@ def test_hf_and_safetensors_bundles_pass(example_ckpt, reference, tmp_path):
             assert t["overall"]["max_abs"] <= THRESHOLDS["same"]["max_abs"]
 
 
-def test_interleaved_source_hf_bundle_passes(example_ckpt, tmp_path):
-    """A source trained with interleaved rope: the HF bundle permutes Q/K and their norms to
-    rotate-half; verify undoes that for the tensor check and matches the logits."""
+def test_interleaved_source_bundles_pass(example_ckpt, tmp_path):
+    """A source trained with interleaved rope: the HF and GGUF bundles permute Q/K and their
+    norms to rotate-half; verify undoes that for the tensor check and matches the logits."""
     model = read_checkpoint(example_ckpt, ReadOptions(rope_layout="interleaved"))
     export_hf(model, tmp_path / "hf")
     export_safetensors(model, tmp_path / "st")
-    code, out, _ = run(example_ckpt, [tmp_path / "hf", tmp_path / "st"], None,
-                       "--rope-layout", "interleaved", tmp_path=tmp_path)
+    export_gguf(model, tmp_path / "g", outtypes=["f32"], projector_outtype="f32")
+    code, out, _ = run(example_ckpt, [tmp_path / "hf", tmp_path / "st", tmp_path / "g"], None,
+                       "--rope-layout", "interleaved", "--backend", "gguf_torch",
+                       "--backend", "hf", "--backend", "safetensors", tmp_path=tmp_path)
     assert code == 0, out
 
 
