@@ -75,10 +75,10 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from mmconvert.convert import cmd_core, cmd_gguf, cmd_hf, cmd_push
+    from mmconvert.convert import cmd_core, cmd_gguf, cmd_hf, cmd_push, cmd_run
     from mmconvert.verify import cmd_verify
 
-    for module in (cmd_core, cmd_hf, cmd_gguf, cmd_verify, cmd_push):
+    for module in (cmd_core, cmd_hf, cmd_gguf, cmd_verify, cmd_push, cmd_run):
         for command in module.COMMANDS:
             main.add_command(command)
 
