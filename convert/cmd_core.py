@@ -50,15 +50,21 @@ def _format_inspect(s: dict) -> str:
         lines.append(f"{kind + ':':<18}{ids or '-'}  ({prov or 'not set'})")
     lines.append("modalities:")
     for name, m in s["modalities"].items():
+        kinds = " -> ".join(layer["name"] for layer in m["layers"])
         lines.append(f"  {name}: input {m['input_dim']} -> hidden {m['hidden_dim']} -> "
-                     f"{m['output_dim']}, act {m['activation']}, layer norm "
-                     f"{'on' if m['layer_norm'] else 'off'}, {m['parameters']:,} params")
+                     f"{m['output_dim']}, {m['projector_type']}, act {m['activation'] or 'none'}, "
+                     f"layer norm {'on' if m['layer_norm'] else 'off'}, "
+                     f"{m['parameters']:,} params ({kinds})")
     p = s["parameters"]
     lines.append(f"parameters:       {p['language_model']:,} LM + {p['projectors']:,} projectors "
                  f"in {s['tensors']} tensors")
     lines.append("dtypes:           " + ", ".join(f"{k} x{v}" for k, v in s["dtypes"].items()))
     for step, count in s["read_transforms"].items():
-        lines.append(f"transform:        {step} on {count} tensors")
+        lines.append(f"transform:        {step} on {count} tensors (while reading)")
+    if "plans" in s:
+        from mmconvert.convert.plan_summary import format_planned
+
+        lines += format_planned(s["plans"], s.get("fold_linear", False))
     lines.append("files:")
     lines += [f"  {role}: {path}" for role, path in s["files"].items()]
     for w in s["warnings"]:
@@ -70,12 +76,20 @@ def _format_inspect(s: dict) -> str:
 @click.argument("ckpt", type=click.Path(path_type=Path))
 @source_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a summary.")
+@click.option("--fold-linear", is_flag=True,
+              help="Show the plans as to-gguf/to-hf --fold-linear would make them.")
 @user_errors
-def inspect_cmd(ckpt: Path, base, projector, projector_config, rope_layout, as_json: bool) -> None:
+def inspect_cmd(ckpt: Path, base, projector, projector_config, rope_layout, as_json: bool,
+                fold_linear: bool) -> None:
     """Describe a checkpoint: dialect, Qwen3 text spec, modalities, special ids and where each
-    came from, dtypes, parameter counts and warnings. Reads headers only."""
+    came from, dtypes, parameter counts, warnings, and every transform each export (gguf, hf,
+    safetensors) would apply. Reads headers only."""
+    from mmconvert.convert.plan_summary import planned_transforms
+
     model = load_model(ckpt, base, projector, projector_config, rope_layout)
     summary = model.summary()
+    summary["plans"] = planned_transforms(model, fold_linear)
+    summary["fold_linear"] = fold_linear
     click.echo(json.dumps(summary, indent=2) if as_json else _format_inspect(summary))
 
 

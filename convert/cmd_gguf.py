@@ -37,6 +37,9 @@ OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
 @click.option("--pre-tokenizer", default=None, metavar="NAME",
               help="llama.cpp pre-tokenizer name (e.g. qwen2) when detection does not "
                    "recognise the tokenizer.")
+@click.option("--fold-linear", is_flag=True,
+              help="Fold projector linear layers that follow each other with nothing in "
+                   "between (a low-rank down/up pair) into one matrix, computed in float64.")
 @source_options
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
               help="Record the sha256 of every source and output file in mmconvert.json "
@@ -46,8 +49,8 @@ OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
 @push_options
 @user_errors
 def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, name,
-                pre_tokenizer, base, projector, projector_config, rope_layout, checksums,
-                force, dry_run, push: PushRequest) -> None:
+                pre_tokenizer, fold_linear, base, projector, projector_config, rope_layout,
+                checksums, force, dry_run, push: PushRequest) -> None:
     """Write GGUF files for llama.cpp: the Qwen3 text model with its full tokenizer (one file
     per --outtype), the projector GGUF for the embedding-only modalities
     (docs/gguf-projector.md) and mmconvert.json.
@@ -68,7 +71,8 @@ def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, na
     outtypes = tuple(t.lower() for t in outtypes) or ("auto",)
     model = load_model(ckpt, base, projector, projector_config, rope_layout)
     options = dict(outtypes=outtypes, projector_outtype=projector_outtype.lower(), name=name,
-                   split_max_bytes=split_bytes, pre_tokenizer=pre_tokenizer)
+                   split_max_bytes=split_bytes, pre_tokenizer=pre_tokenizer,
+                   fold_linear=fold_linear)
     if dry_run:
         click.echo(prepare_gguf(model, **options).describe())
         return

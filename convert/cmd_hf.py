@@ -21,13 +21,17 @@ from mmconvert.convert.errors import OutputError
 @click.option("--max-shard-size", default="5GB", show_default=True,
               help="Largest language-model shard (e.g. 5GB, 500MB, 2GiB); above it the weights "
                    "are split with model.safetensors.index.json.")
+@click.option("--fold-linear", is_flag=True,
+              help="Fold projector linear layers that follow each other with nothing in "
+                   "between (a low-rank down/up pair) into one matrix, computed in float64.")
 @source_options
 @click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @push_options
 @user_errors
-def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, base, projector,
-              projector_config, rope_layout, force: bool, dry_run: bool, push: PushRequest) -> None:
+def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fold_linear: bool,
+              base, projector, projector_config, rope_layout, force: bool, dry_run: bool,
+              push: PushRequest) -> None:
     """Write a Hugging Face folder: a standard Qwen3 model (loads with plain
     AutoModelForCausalLM, vLLM, ...) plus the projectors in multimodal_projector.safetensors and
     remote code, so that from_pretrained(OUT, trust_remote_code=True) takes
@@ -51,14 +55,15 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, bas
     for warning in model.warnings:
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
-        lm_plan, projector_plan = plan_hf(model, dtype)
+        lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
         click.echo(lm_plan.describe())
         click.echo(projector_plan.describe())
         return
     if out is None:
         source = ckpt.resolve()
         out = source.parent / f"{source.name}-hf"
-    files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force)
+    files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
+                      fold_linear=fold_linear)
     click.echo(f"wrote {len(files)} files to {out}")
     push_after_export(out, push)
 

@@ -3,7 +3,8 @@
 It is what the README's main command converts, and what the tests generate in every variant
 (layer norm on/off, each activation, hidden_dim given or defaulted, text config embedded or in
 a separate base folder, single/sharded safetensors or a pickle, vocab resized or padded, tied or
-untied, a training_state.pt beside it). Weights are random but seeded; the tokenizer is a real
+untied, a training_state.pt beside it, Qwen3-MoE, and the projector types of
+``docs/dialects.md``: SwiGLU fused or split, low-rank, tanh-gated). Weights are random but seeded; the tokenizer is a real
 byte-level BPE with Qwen2's pre-tokenizer, trained on a small built-in corpus, with Qwen's
 special tokens and the multimodal token added.
 """
@@ -72,6 +73,14 @@ class ExampleOptions:
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 32
     experts_format: str = "per_expert"  # per_expert (save_pretrained) | fused (transformers-5 memory)
+    # projectors (docs/dialects.md); a modality's own dict in ``modalities`` may override any
+    # of these per modality, with the config's keys (projector_type, rank, gate, activation,
+    # layer_norm, gate_up_gate_first) plus ``fused_gate_up``
+    projector_type: str = "mlp"  # mlp | swiglu | low_rank
+    rank: int = 16  # low_rank
+    gate: dict | None = None  # e.g. {"kind": "tanh", "complementary": False, "per_channel": False}
+    fused_gate_up: bool = False  # swiglu: store gate_up_proj [2h, in] instead of two tensors
+    gate_up_gate_first: bool = True  # swiglu, fused: the gate is the first half
 
 
 def build_tokenizer(bpe_vocab_size: int, multimodal_token: str):
@@ -172,24 +181,96 @@ def random_state_dict(opts: ExampleOptions, vocab_rows: int) -> dict:
     state[lm + "norm.weight"] = norm(h)
     if not opts.tied:
         state["language_model.lm_head.weight"] = matrix(vocab_rows, h)
-    for name, m in opts.modalities.items():
-        hidden = m.get("hidden_dim") or h
+    for name in opts.modalities:
+        m = modality_config(opts, name)
         p = f"multimodal_projector.projectors.{name}."
-        layers = ([("linear", m["input_dim"], hidden), ("norm", hidden, hidden), None, None,
-                   ("linear", hidden, h), ("norm", h, h)] if opts.layer_norm else
-                  [("linear", m["input_dim"], hidden), None, None, ("linear", hidden, h)])
-        for index, layer in enumerate(layers):
-            if layer is None:
-                continue
-            kind, fan_in, fan_out = layer
-            if kind == "linear":
-                state[f"{p}{index}.weight"] = matrix(fan_out, fan_in)
-                state[f"{p}{index}.bias"] = 0.1 * torch.randn(fan_out, generator=gen)
-            else:
-                state[f"{p}{index}.weight"] = norm(fan_out)
-                state[f"{p}{index}.bias"] = 0.1 * torch.randn(fan_out, generator=gen)
+        kind = m.get("projector_type", "mlp")
+        if kind != "mlp":
+            state.update(other_projector(p, m, opts, gen, matrix))
+        else:
+            state.update(seed_projector(p, m, opts, gen, matrix))
+        if m.get("gate"):
+            width = h if m["gate"].get("per_channel") else 1
+            state[p + "gate"] = 0.8 * torch.randn(width, generator=gen)
     dtype = getattr(torch, opts.dtype)
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
+def modality_config(opts: ExampleOptions, name: str) -> dict:
+    """What ``modality_configs[name]`` says: the modality's dict over the options' defaults
+    (only keys that differ from the seed's are written, so the default stays the seed's)."""
+    m = dict(opts.modalities[name])
+    defaults = {"projector_type": opts.projector_type, "gate": opts.gate}
+    if m.get("projector_type", opts.projector_type) == "low_rank":
+        defaults["rank"] = opts.rank
+    if m.get("projector_type", opts.projector_type) == "swiglu":
+        defaults["fused_gate_up"] = opts.fused_gate_up
+        defaults["gate_up_gate_first"] = opts.gate_up_gate_first
+    for key, value in defaults.items():
+        m.setdefault(key, value)
+    return {k: v for k, v in m.items()
+            if not (k == "projector_type" and v == "mlp") and v is not None}
+
+
+def seed_projector(p: str, m: dict, opts: ExampleOptions, gen, matrix) -> dict:
+    """The seed's nn.Sequential: Linear, [LayerNorm], act, Dropout, Linear, [LayerNorm]."""
+    import torch
+
+    h = opts.hidden_size
+    hidden = m.get("hidden_dim") or h
+    layers = ([("linear", m["input_dim"], hidden), ("norm", hidden, hidden), None, None,
+               ("linear", hidden, h), ("norm", h, h)] if m.get("layer_norm", opts.layer_norm)
+              else [("linear", m["input_dim"], hidden), None, None, ("linear", hidden, h)])
+    state = {}
+    for index, layer in enumerate(layers):
+        if layer is None:
+            continue
+        kind, fan_in, fan_out = layer
+        if kind == "linear":
+            state[f"{p}{index}.weight"] = matrix(fan_out, fan_in)
+        else:
+            state[f"{p}{index}.weight"] = 1.0 + 0.2 * torch.randn(fan_out, generator=gen)
+        state[f"{p}{index}.bias"] = 0.1 * torch.randn(fan_out, generator=gen)
+    return state
+
+
+def other_projector(p: str, m: dict, opts: ExampleOptions, gen, matrix) -> dict:
+    """SwiGLU (gate_proj/up_proj or fused gate_up_proj, down_proj, [norm]) or low-rank
+    (down, [norm], up) tensors, named as docs/dialects.md describes them."""
+    import torch
+
+    h, fan_in = opts.hidden_size, m["input_dim"]
+    bias = m.get("bias", True)
+    state = {}
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        state[f"{p}{name}.weight"] = matrix(rows, cols)
+        if bias:
+            state[f"{p}{name}.bias"] = 0.1 * torch.randn(rows, generator=gen)
+
+    def norm(name: str, n: int) -> None:
+        state[f"{p}{name}.weight"] = 1.0 + 0.2 * torch.randn(n, generator=gen)
+        state[f"{p}{name}.bias"] = 0.1 * torch.randn(n, generator=gen)
+
+    if m["projector_type"] == "swiglu":
+        hidden = m.get("hidden_dim") or h
+        linear("gate_proj", hidden, fan_in)
+        linear("up_proj", hidden, fan_in)
+        linear("down_proj", h, hidden)
+        if m.get("layer_norm", opts.layer_norm):
+            norm("norm", h)
+        if m.get("fused_gate_up"):
+            for part in ("weight", "bias") if bias else ("weight",):
+                gate, up = state.pop(f"{p}gate_proj.{part}"), state.pop(f"{p}up_proj.{part}")
+                halves = [gate, up] if m.get("gate_up_gate_first", True) else [up, gate]
+                state[f"{p}gate_up_proj.{part}"] = torch.cat(halves)
+    else:
+        rank = m["rank"]
+        linear("down", rank, fan_in)
+        if m.get("layer_norm", False):
+            norm("norm", rank)
+        linear("up", h, rank)
+    return state
 
 
 def moe_layer(prefix: str, opts: ExampleOptions, matrix) -> dict:
@@ -261,7 +342,9 @@ def write_example(out: Path, opts: ExampleOptions | None = None) -> Path:
     mm = {
         "model_type": "multimodal_qwen3", "architectures": ["MultimodalQwen3Model"],
         "base_model_name": str(tok_dir) if not opts.embed_text_config else "Qwen/Qwen3-0.6B",
-        "modality_configs": opts.modalities, "projector_hidden_act": opts.activation,
+        "modality_configs": {name: {k: v for k, v in modality_config(opts, name).items()
+                                    if k != "fused_gate_up"} for name in opts.modalities},
+        "projector_hidden_act": opts.activation,
         "use_layer_norm": opts.layer_norm, "projector_dropout": 0.1, "fusion_strategy": "early",
         "multimodal_token": opts.multimodal_token, "max_multimodal_length": 32,
     }

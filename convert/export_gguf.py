@@ -79,9 +79,10 @@ def text_stem(name: str, label: str, quant: str) -> str:
 
 def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
                  projector_outtype: str = "f16", name: str | None = None,
-                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None
-                 ) -> GGUFJob:
-    """Plan and lay out every file. Outtypes resolving to the same type are written once."""
+                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
+                 fold_linear: bool = False) -> GGUFJob:
+    """Plan and lay out every file. Outtypes resolving to the same type are written once.
+    ``fold_linear``: fold adjacent linear projector layers (:mod:`convert.projector_export`)."""
     name = sanitize_name(name) if name else default_name(model)
     sources = text_sources(model)  # shared: derived tensors are read once for all outtypes
     vocab = build_vocab(model, model.text.vocab_size, pre_tokenizer)
@@ -109,9 +110,9 @@ def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
         outputs += [{"path": f.name, "role": "text", "quant": ggml, "outtype": outtype,
                      "split": [i + 1, len(shards)]} for i, f in enumerate(shards)]
     if model.projectors:
-        plan = plan_mmproj(model, projector_outtype)
+        plan = plan_mmproj(model, projector_outtype, fold_linear)
         ggml = projector_outtype.upper()
-        md = mmproj_metadata(model, ggml, name)
+        md = mmproj_metadata(model, ggml, name, plan.projectors)
         (mm,) = layout_gguf(f"mmproj-{name}-{ggml}", md, gguf_tensors(plan))
         plans.append(plan)
         files.append(mm)
@@ -124,7 +125,7 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
                 projector_outtype: str = "f16", name: str | None = None,
                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
                 force: bool = False, progress: bool | None = None, log: Log | None = None,
-                checksums: bool = True) -> list[str]:
+                checksums: bool = True, fold_linear: bool = False) -> list[str]:
     """Write the GGUF bundle into ``out``; return the file names written.
 
     ``checksums``: record the sha256 of every source and output file in the manifest. Outputs
@@ -132,7 +133,8 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     hash cache, see :mod:`mmconvert.formats.hashing`); ``False`` records sizes only.
     """
     job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
-                       split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer)
+                       split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer,
+                       fold_linear=fold_linear)
     for note in job.notes:
         if log is not None:
             log(note)
@@ -147,7 +149,8 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
             tmp, kind="gguf", model=model,
             options={"outtypes": list(outtypes), "projector_outtype": projector_outtype,
                      "name": job.name, "split_max_bytes": split_max_bytes,
-                     "pre_tokenizer": pre_tokenizer, "checksums": checksums},
+                     "pre_tokenizer": pre_tokenizer, "checksums": checksums,
+                     "fold_linear": fold_linear},
             transforms=transforms, checksums=checksums,
             source_hashes=sources.result() if sources else None, output_hashes=digests,
             extra={"name": job.name, "size_label": job.size_label, "files": job.outputs,

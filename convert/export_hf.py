@@ -23,10 +23,10 @@ PROJECTOR_PREFIX = "multimodal_projector."
 
 def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
               max_shard_bytes: int = 5 * 10**9, force: bool = False,
-              progress: bool | None = None) -> list[str]:
+              progress: bool | None = None, fold_linear: bool = False) -> list[str]:
     """Write the HF bundle to ``out`` (atomically); return the files written."""
     out = Path(out)
-    lm_plan, projector_plan = plan_hf(model, dtype)
+    lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
     sources = SourceHashes(manifest_sources(model))  # overlaps the writing
     digests: dict[str, str] = {}
     with BundleDir(out, force) as tmp:
@@ -38,13 +38,15 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
                                    max_shard_bytes=whole, progress=progress)
         files += write_hf_files(tmp, model, config_dtype=hf_config_dtype(model, dtype),
                                 repo_id=out.name, weights_file=PROJECTOR_FILE,
-                                tensor_prefix=PROJECTOR_PREFIX)
+                                tensor_prefix=PROJECTOR_PREFIX, specs=projector_plan.projectors)
         transforms = lm_plan.transforms_applied()
         transforms += [t for t in projector_plan.transforms_applied() if t not in transforms]
         write_manifest(tmp, kind="hf", model=model,
-                       options={"dtype": dtype, "max_shard_bytes": max_shard_bytes},
+                       options={"dtype": dtype, "max_shard_bytes": max_shard_bytes,
+                                "fold_linear": fold_linear},
                        transforms=transforms, source_hashes=sources.result(),
                        output_hashes=digests,
                        extra={"tensors": {t.name: t.source.name
-                                          for t in lm_plan.tensors + projector_plan.tensors}})
+                                          for t in lm_plan.tensors + projector_plan.tensors},
+                              "pieces": {**lm_plan.pieces(), **projector_plan.pieces()}})
     return files + ["mmconvert.json"]

@@ -28,7 +28,8 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
                        options={"naming": naming, "dtype": dtype, "max_shard_bytes": max_shard_bytes},
                        transforms=plan.transforms_applied(), source_hashes=sources.result(),
                        output_hashes=digests,
-                       extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors}})
+                       extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors},
+                              "pieces": plan.pieces()})
     return files + ["mmconvert.json"]
 
 

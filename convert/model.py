@@ -10,10 +10,12 @@ stacked as transformers 5 holds them in memory, but with gate and up apart:
 ``model.layers.{i}.mlp.experts.{gate_proj,up_proj} [E, I, H]`` and
 ``model.layers.{i}.mlp.experts.down_proj [E, H, I]``.
 
-Projectors: ``mm.{modality}.{layer}.{weight|bias}`` where ``layer`` is the ``name`` of a
+Projectors: ``mm.{modality}.{layer}.{param}`` where ``layer`` is the ``name`` of a
 :class:`ProjectorLayer` of that modality's :class:`ProjectorSpec` (``fc1``, ``norm1``, ``fc2``,
-``norm2`` for the seed's MLP). A projector is an ordered list of layers so that the reference
-forward pass, the HF remote code and the projector GGUF all interpret the same data.
+``norm2`` for the seed's MLP) and ``param`` one of :meth:`ProjectorLayer.params`
+(``weight``/``bias``; ``gate.weight``... for a gated layer; ``gate`` for a tanh gate). A
+projector is an ordered list of layers so that the reference forward pass, the HF remote code
+and the projector GGUF all interpret the same data.
 """
 
 from __future__ import annotations
@@ -69,17 +71,52 @@ class TextSpec:
                 and (layer + 1) % max(1, self.decoder_sparse_step) == 0)
 
 
+# what each layer kind computes (``x`` its input; tensor names relative to the layer):
+#   linear      x W^T + b                          weight [out, in], bias [out]
+#   layer_norm  LayerNorm over the last axis        weight [dim], bias [dim]
+#   act         activation(x)                       -
+#   glu         act(x G^T + bg) * (x U^T + bu)      gate.weight, gate.bias, up.weight, up.bias
+#   tanh_gate   x * tanh(g), or x * (1 - tanh(g))   gate [1] or [dim] (the raw learned g)
+#   scale       x * s                               scale [1] or [dim] (a tanh gate applied)
+LAYER_KINDS = ("linear", "layer_norm", "act", "glu", "tanh_gate", "scale")
+
+
 @dataclass
 class ProjectorLayer:
-    """One step of a projector. ``kind``: linear | layer_norm | act."""
+    """One step of a projector; ``kind`` is one of :data:`LAYER_KINDS`."""
 
     kind: str
     name: str
     in_dim: int
     out_dim: int
-    activation: str | None = None  # for kind == "act"
+    activation: str | None = None  # for kind "act" and "glu"
     eps: float | None = None  # for kind == "layer_norm"
     bias: bool = True
+    per_channel: bool = False  # tanh_gate / scale: one value per channel, else one scalar
+    complementary: bool = False  # tanh_gate: 1 - tanh(g); scale: the gate it came from
+    gate: str = ""  # scale: "tanh" when it is a learned tanh gate already applied
+    folded_from: tuple[str, ...] = ()  # linear: the adjacent linear layers it replaces
+
+    def params(self) -> list[str]:
+        """Tensor names of this layer, relative to ``mm.{modality}.{name}.``."""
+        if self.kind in ("linear", "layer_norm"):
+            return ["weight", "bias"] if self.bias else ["weight"]
+        if self.kind == "glu":
+            return ["gate.weight", "gate.bias", "up.weight", "up.bias"] if self.bias \
+                else ["gate.weight", "up.weight"]
+        if self.kind == "tanh_gate":
+            return ["gate"]
+        if self.kind == "scale":
+            return ["scale"]
+        return []
+
+    def param_shape(self, param: str) -> tuple[int, ...]:
+        """The shape of one of :meth:`params` (numpy order)."""
+        if param.endswith("weight") and self.kind in ("linear", "glu"):
+            return (self.out_dim, self.in_dim)
+        if param in ("gate", "scale"):
+            return (self.out_dim if self.per_channel else 1,)
+        return (self.out_dim,)
 
 
 @dataclass
@@ -95,16 +132,11 @@ class ProjectorSpec:
     layers: list[ProjectorLayer]
     layer_norm_eps: float = 1e-5
     dropout: float = 0.0  # identity at inference; kept for the record
+    projector_type: str = "mlp"  # mlp | swiglu | low_rank (how the checkpoint described it)
 
     def tensor_names(self) -> list[str]:
-        names = []
-        for layer in self.layers:
-            if layer.kind == "act":
-                continue
-            names.append(f"mm.{self.modality}.{layer.name}.weight")
-            if layer.bias:
-                names.append(f"mm.{self.modality}.{layer.name}.bias")
-        return names
+        return [f"mm.{self.modality}.{layer.name}.{param}"
+                for layer in self.layers for param in layer.params()]
 
 
 @dataclass
@@ -192,6 +224,7 @@ class CanonicalModel:
                     "output_dim": p.output_dim,
                     "activation": p.activation,
                     "layer_norm": p.layer_norm,
+                    "projector_type": p.projector_type,
                     "layers": [asdict(layer) for layer in p.layers],
                     "parameters": sum(self.tensors[n].numel for n in p.tensor_names()),
                 }

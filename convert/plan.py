@@ -8,8 +8,32 @@ the final cast or quantization to ``dtype``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mmconvert.convert.tensors import TensorRef
+
+
+@dataclass(frozen=True)
+class Piece:
+    """How a target tensor relates to canonical tensors when it is not exactly one of them.
+
+    ``kind``: ``"item"`` (the target is item ``index`` of the leading axis of canonical
+    ``parts[0]``: one expert of stacked experts) or ``"concat"`` (the target is the canonical
+    ``parts`` concatenated along ``axis``, ``sizes`` long each: a fused gate/up). Written to
+    the manifest (``pieces``) so that ``verify`` maps the bundle back to canonical tensors.
+    """
+
+    kind: str
+    parts: tuple[str, ...]
+    index: int = 0
+    axis: int = 0
+    sizes: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == "item":
+            return {"kind": "item", "of": self.parts[0], "index": self.index}
+        return {"kind": "concat", "parts": list(self.parts), "axis": self.axis,
+                "sizes": list(self.sizes)}
 
 
 @dataclass(frozen=True)
@@ -19,6 +43,7 @@ class PlannedTensor:
     dtype: str  # target dtype: a safetensors dtype ("BF16") or a GGML type name ("Q8_0")
     shape: tuple[int, ...]  # target shape, row-major as the consumer reads it
     file: str = ""  # output file (set by writers that split into several)
+    piece: Piece | None = None  # set when the target is not one canonical tensor as it is
 
     @property
     def transforms(self) -> tuple[str, ...]:
@@ -28,21 +53,36 @@ class PlannedTensor:
         return tuple(steps)
 
 
+def step_label(step: str) -> str:
+    """A transform step without its parameters: ``split_gate_up(gate,up)[gate]`` ->
+    ``split_gate_up``."""
+    return step.split("(")[0].split("[")[0]
+
+
 @dataclass
 class Plan:
     kind: str  # "hf", "safetensors", "gguf", "mmproj"
     tensors: list[PlannedTensor]
     notes: list[str] = field(default_factory=list)
+    # the projectors as this target stores them (layers after gates are applied or linear
+    # maps folded), for the target's own metadata; empty for plans without projectors
+    projectors: dict[str, Any] = field(default_factory=dict)
 
     def transforms_applied(self) -> list[str]:
         """Distinct transform names across the plan (for the manifest)."""
-        seen: list[str] = []
+        return list(self.transform_counts())
+
+    def transform_counts(self) -> dict[str, int]:
+        """Transform name -> how many planned tensors it touches, in first-seen order."""
+        counts: dict[str, int] = {}
         for t in self.tensors:
-            for step in t.transforms:
-                label = step.split("(")[0]
-                if label not in seen:
-                    seen.append(label)
-        return seen
+            for label in dict.fromkeys(step_label(s) for s in t.transforms):
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def pieces(self) -> dict[str, dict[str, Any]]:
+        """Target name -> :class:`Piece` JSON for targets that are not one canonical tensor."""
+        return {t.name: t.piece.to_json() for t in self.tensors if t.piece is not None}
 
     def describe(self) -> str:
         """A fixed-width table of the plan (``--dry-run``)."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
-from mmconvert.convert.plan_safetensors import hf_name, target_dtype
+from mmconvert.convert.plan_safetensors import hf_name, hf_targets, target_dtype
+from mmconvert.convert.projector_export import export_projectors, fold_notes
 from mmconvert.convert.rope import neox_fixups
 from mmconvert.formats.dtypes import FLOAT_DTYPES, TORCH_NAMES
 
@@ -32,28 +33,40 @@ def check_modality_names(model: CanonicalModel) -> None:
                     "(use names without dots, e.g. 'vision' or 'audio_1')")
 
 
-def plan_hf(model: CanonicalModel, dtype: str = "auto") -> tuple[Plan, Plan]:
-    """(language-model plan, projector plan) for ``mmconvert to-hf``."""
+def plan_hf(model: CanonicalModel, dtype: str = "auto", fold_linear: bool = False
+            ) -> tuple[Plan, Plan]:
+    """(language-model plan, projector plan) for ``mmconvert to-hf``. Tanh gates stay raw
+    (the remote code applies them); ``fold_linear`` folds adjacent linear projector layers."""
     if dtype not in HF_DTYPES:
         raise UnsupportedError(f"--dtype {dtype!r}: use one of {', '.join(HF_DTYPES)}")
     check_modality_names(model)
     fixups = neox_fixups(model)
-    lm, projector = [], []
+    specs, projector_refs = export_projectors(model, apply_gates=False, fold_linear=fold_linear)
+    projector = [PlannedTensor(hf_name(ref.name), ref, target_dtype(ref.dtype, dtype), ref.shape)
+                 for ref in projector_refs]
+    lm = []
     for ref in model.tensors.refs():
-        ref = fixups.get(ref.name, ref)
-        planned = PlannedTensor(hf_name(ref.name), ref, target_dtype(ref.dtype, dtype), ref.shape)
-        (projector if ref.name.startswith("mm.") else lm).append(planned)
+        if ref.name.startswith("mm."):
+            continue
+        for name, target, piece in hf_targets(fixups.get(ref.name, ref)):
+            lm.append(PlannedTensor(name, target, target_dtype(target.dtype, dtype),
+                                    target.shape, piece=piece))
     notes = [f"dtype: {dtype} (config dtype {hf_config_dtype(model, dtype)})"]
     if model.tied:
         notes.append("tied embeddings: lm_head is not stored (tie_word_embeddings: true)")
     if fixups:
         notes.append("rope: interleaved source layout permuted to HF's rotate-half (neox)")
+    if model.text.is_moe:
+        notes.append(f"Qwen3-MoE: {model.text.num_experts} experts per layer written one "
+                     "tensor each (experts.{e}.{gate,up,down}_proj.weight), as save_pretrained does")
     if model.text.vocab_size > model.tokenizer.size:
         notes.append(f"vocab: {model.text.vocab_size} embedding rows kept for "
                      f"{model.tokenizer.size} tokenizer tokens (padding rows)")
     lm_plan = Plan("hf", lm, notes + ["files: model.safetensors (sharded with an index when "
                                       "over --max-shard-size)"])
-    projector_plan = Plan("hf-projector", projector, [f"file: {PROJECTOR_FILE}"])
+    projector_plan = Plan("hf-projector", projector,
+                          [f"file: {PROJECTOR_FILE}"] + fold_notes(specs, fold_linear),
+                          projectors=specs)
     return lm_plan, projector_plan
 
 

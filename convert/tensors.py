@@ -21,6 +21,24 @@ Loader = Callable[[tuple[int, int] | None], np.ndarray]
 
 
 @dataclass(frozen=True)
+class Origin:
+    """Where a canonical tensor sits in the source tensor(s) it was cut from or stacked of.
+
+    Readers set it when a canonical tensor is not one source tensor, so that a target in the
+    source's own layout (``to-safetensors --naming source``) can rebuild the source tensors bit
+    for bit. ``kind``: ``"slice"`` (this tensor is ``source[start:stop]`` along ``axis`` of the
+    tensor named ``source_name``, e.g. one half of a fused gate/up) or ``"stack"`` (item ``i``
+    of the leading axis is the source tensor ``names[i]``, e.g. stacked experts).
+    """
+
+    kind: str
+    axis: int = 0
+    start: int = 0
+    stop: int = 0
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TensorRef:
     """One tensor of the canonical model, not yet read.
 
@@ -39,6 +57,7 @@ class TensorRef:
     # True when read_rows() reads only the rows asked for; derived tensors compute the whole
     # tensor, so writers read them once instead of slice by slice
     row_streamable: bool = True
+    origin: Origin | None = None
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +109,59 @@ class TensorRef:
     def renamed(self, name: str) -> TensorRef:
         return replace(self, name=name)
 
+    def item(self, index: int, step: str) -> TensorRef:
+        """Item ``index`` of the leading axis as a tensor of its own (one expert of stacked
+        experts). Reading it reads only that item; it is read whole, not by rows."""
+        parent = self
+
+        def load(rows: tuple[int, int] | None) -> np.ndarray:
+            whole = parent.read_rows(index, index + 1)[0]
+            return whole if rows is None else whole[rows[0]:rows[1]]
+
+        return replace(self, shape=self.shape[1:], loader=load, row_streamable=False,
+                       derivation=(*self.derivation, step), origin=None)
+
+
+def concat_tensors(name: str, parts: list[TensorRef], axis: int, step: str) -> TensorRef:
+    """``parts`` concatenated along ``axis`` (the inverse of a split, e.g. gate and up fused
+    again). Still read by row ranges: along axis 0 a range maps onto the parts it covers,
+    along a later axis every part contributes the same rows."""
+    first = parts[0]
+    if any(p.dtype != first.dtype or len(p.shape) != len(first.shape) for p in parts):
+        raise ValueError(f"{name}: cannot concatenate tensors of different dtypes or ranks")
+    shape = list(first.shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    starts = np.cumsum([0] + [p.shape[0] for p in parts])
+
+    def load(rows: tuple[int, int] | None) -> np.ndarray:
+        if rows is None:
+            return np.concatenate([p.read() for p in parts], axis=axis)
+        if axis > 0:
+            return np.concatenate([p.read_rows(*rows) for p in parts], axis=axis)
+        lo, hi = rows
+        pieces = [p.read_rows(max(lo, s) - s, min(hi, s + p.shape[0]) - s)
+                  for p, s in zip(parts, starts[:-1]) if lo < s + p.shape[0] and hi > s]
+        return np.concatenate(pieces, axis=0)
+
+    return TensorRef(name, first.dtype, tuple(shape), first.source_name, first.source_file,
+                     load, (*first.derivation, step),
+                     row_streamable=all(p.row_streamable for p in parts))
+
+
+def computed_tensor(name: str, inputs: list[TensorRef], fn: Callable[..., np.ndarray],
+                    shape: tuple[int, ...], dtype: str, step: str) -> TensorRef:
+    """A tensor computed from several canonical tensors by the pure function
+    ``fn(*arrays)`` (each input read whole as its storage array), e.g. two linear maps folded
+    into one. Read whole: it is small enough to compute at once (a projector matrix)."""
+
+    def load(rows: tuple[int, int] | None) -> np.ndarray:
+        out = fn(*(ref.read() for ref in inputs))
+        return out if rows is None else out[rows[0]:rows[1]]
+
+    first = inputs[0]
+    return TensorRef(name, dtype, tuple(shape), "+".join(r.source_name for r in inputs),
+                     first.source_file, load, (step,), row_streamable=False)
+
 
 def stack_tensors(name: str, parts: list[TensorRef], step: str, source_name: str) -> TensorRef:
     """``parts`` (same shape and dtype) stacked along a new leading axis, e.g. per-expert
@@ -103,7 +175,8 @@ def stack_tensors(name: str, parts: list[TensorRef], step: str, source_name: str
         return np.stack([p.read() for p in parts[lo:hi]])
 
     return TensorRef(name, first.dtype, (len(parts), *first.shape), source_name,
-                     first.source_file, load, (step,))
+                     first.source_file, load, (step,),
+                     origin=Origin("stack", names=tuple(p.source_name for p in parts)))
 
 
 def file_tensor(name: str, entry: SafetensorsEntry) -> TensorRef:

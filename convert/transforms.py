@@ -68,15 +68,51 @@ def neox_to_interleaved(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # --- scalar tanh gates -----------------------------------------------------------------------
+#
+# A learned gate g is used as ``tanh(g) * x`` (or ``(1 - tanh(g)) * x``). Runtimes that only
+# multiply get the multiplier; the HF bundle keeps g itself. The pair below is an inverse only
+# up to rounding, and no float32 function can do better: tanh maps many float32 inputs onto one
+# output (its slope is below 1, and above |g| ~ 9.01 every g rounds to exactly 1.0), so g cannot
+# be recovered bit for bit from tanh(g). What *is* bit-exact is keeping g: the HF bundle stores
+# the raw parameter, and the GGUF multiplier is this deterministic function of it.
 
 
 def apply_tanh_gate(gate: np.ndarray, complementary: bool = False) -> np.ndarray:
-    """The multiplier a runtime applies: ``tanh(g)`` or ``1 - tanh(g)`` (float32)."""
-    t = np.tanh(gate.astype(np.float32))
-    return (1.0 - t) if complementary else t
+    """The multiplier a runtime applies, ``tanh(g)`` or ``1 - tanh(g)``, from float values of
+    ``g``; computed in float64 and rounded once to float32 (so it is the float32 nearest the
+    true value, whatever numpy's float32 tanh does)."""
+    t = np.tanh(np.asarray(gate, dtype=np.float64))
+    return ((1.0 - t) if complementary else t).astype(np.float32)
 
 
 def unapply_tanh_gate(multiplier: np.ndarray, complementary: bool = False) -> np.ndarray:
-    """Inverse of :func:`apply_tanh_gate` (``atanh``), for |multiplier| < 1."""
-    m = multiplier.astype(np.float32)
-    return np.arctanh(1.0 - m) if complementary else np.arctanh(m)
+    """Inverse of :func:`apply_tanh_gate` (``atanh``, in float64, rounded to float32), for
+    multipliers strictly inside the open interval tanh maps onto (see above for its accuracy)."""
+    m = np.asarray(multiplier, dtype=np.float64)
+    return np.arctanh(1.0 - m if complementary else m).astype(np.float32)
+
+
+# --- folding adjacent linear maps --------------------------------------------------------------
+
+
+def fold_linear(weights: list[np.ndarray], biases: list[np.ndarray | None]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Linear maps applied in order (``x -> x W1^T + b1 -> ... -> x Wn^T + bn``, nothing in
+    between) as one: ``W = Wn @ ... @ W1`` and ``b = Wn (... (W2 b1 + b2) ...) + bn``, computed in
+    float64 (the caller rounds once). ``None`` bias when no map has one.
+
+    No inverse: a product has infinitely many factorisations, so a folded bundle is checked by
+    recomputing the fold from the source and by logit parity instead of a round trip.
+    """
+    w = np.asarray(weights[0], dtype=np.float64)
+    b = None if biases[0] is None else np.asarray(biases[0], dtype=np.float64)
+    for wk, bk in zip(weights[1:], biases[1:]):
+        wk = np.asarray(wk, dtype=np.float64)
+        if wk.shape[1] != w.shape[0]:
+            raise ValueError(f"cannot fold: a map to {w.shape[0]} values feeds one taking "
+                             f"{wk.shape[1]}")
+        b = None if b is None else wk @ b
+        if bk is not None:
+            b = np.asarray(bk, dtype=np.float64) + (0.0 if b is None else b)
+        w = wk @ w
+    return w, b

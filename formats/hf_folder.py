@@ -21,40 +21,66 @@ from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpe
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 MODELING_FILE = "modeling_mmqwen3.py"
 MODEL_CLASS = "MultimodalQwen3ForCausalLM"
+MOE_MODEL_CLASS = "MultimodalQwen3MoeForCausalLM"
 CONFIG_KEY = "multimodal_config"  # config.json key holding the projector description
 PROJECTOR_FORMAT = "mmconvert.multimodal_projector"
-PROJECTOR_FORMAT_VERSION = 1
+PROJECTOR_FORMAT_VERSION = 1  # linear, layer_norm and act layers only
+PROJECTOR_FORMAT_VERSION_GATED = 2  # also glu and tanh_gate layers (and folded linears)
 FUSION_RULE = ("projected rows (modalities in the order of `modalities`, items in "
                "list order, rows in item order) replace the placeholder tokens, one row per "
                "placeholder; a prompt without placeholders gets all rows prepended; any other "
                "placeholder count is an error")
 # keys of the source Qwen3 config carried over unchanged when present (they change behaviour)
 PASSTHROUGH_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-                    "attention_dropout", "initializer_range", "use_cache")
+                    "attention_dropout", "initializer_range", "use_cache",
+                    "router_aux_loss_coef", "output_router_logits")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _layer_dict(layer: ProjectorLayer, spec: ProjectorSpec) -> dict[str, Any]:
     if layer.kind == "linear":
-        return {"kind": "linear", "name": layer.name, "in_dim": layer.in_dim,
-                "out_dim": layer.out_dim, "bias": layer.bias}
+        out = {"kind": "linear", "name": layer.name, "in_dim": layer.in_dim,
+               "out_dim": layer.out_dim, "bias": layer.bias}
+        if layer.folded_from:
+            out["folded_from"] = list(layer.folded_from)
+        return out
     if layer.kind == "layer_norm":
         return {"kind": "layer_norm", "name": layer.name, "dim": layer.out_dim,
                 "eps": layer.eps if layer.eps is not None else spec.layer_norm_eps,
                 "bias": layer.bias}
-    return {"kind": "act", "name": layer.name, "activation": layer.activation or spec.activation}
+    if layer.kind == "glu":
+        return {"kind": "glu", "name": layer.name, "in_dim": layer.in_dim,
+                "out_dim": layer.out_dim, "activation": layer.activation or spec.activation,
+                "bias": layer.bias}
+    if layer.kind == "tanh_gate":
+        return {"kind": "tanh_gate", "name": layer.name, "dim": layer.out_dim,
+                "per_channel": layer.per_channel, "complementary": layer.complementary}
+    if layer.kind == "act":
+        return {"kind": "act", "name": layer.name,
+                "activation": layer.activation or spec.activation}
+    raise ValueError(f"projector layer kind {layer.kind!r} has no HF bundle form")
 
 
-def projector_config(model: CanonicalModel, weights_file: str, tensor_prefix: str
-                     ) -> dict[str, Any]:
+def format_version(specs: dict[str, ProjectorSpec]) -> int:
+    """The lowest ``multimodal_config`` version that describes these projectors, so bundles
+    without the newer layer kinds stay readable by version-1 code."""
+    newer = any(x.kind in ("glu", "tanh_gate") or x.folded_from
+                for spec in specs.values() for x in spec.layers)
+    return PROJECTOR_FORMAT_VERSION_GATED if newer else PROJECTOR_FORMAT_VERSION
+
+
+def projector_config(model: CanonicalModel, weights_file: str, tensor_prefix: str,
+                     specs: dict[str, ProjectorSpec] | None = None) -> dict[str, Any]:
     """The self-describing projector + fusion description stored in ``config.json``.
 
-    Modalities are a list (not an object) because their order is part of the fusion rule and
-    not every JSON reader keeps object order.
+    ``specs``: the projectors as the bundle stores them (e.g. with linear maps folded);
+    default the checkpoint's. Modalities are a list (not an object) because their order is
+    part of the fusion rule and not every JSON reader keeps object order.
     """
+    specs = specs or model.projectors
     return {
         "format": PROJECTOR_FORMAT,
-        "format_version": PROJECTOR_FORMAT_VERSION,
+        "format_version": format_version(specs),
         "weights": weights_file,
         "tensor_prefix": tensor_prefix,
         "hidden_size": model.text.hidden_size,
@@ -71,7 +97,7 @@ def projector_config(model: CanonicalModel, weights_file: str, tensor_prefix: st
              "output_dim": spec.output_dim, "activation": spec.activation,
              "layer_norm": spec.layer_norm, "dropout": spec.dropout,
              "layers": [_layer_dict(layer, spec) for layer in spec.layers]}
-            for name, spec in model.projectors.items()
+            for name, spec in specs.items()
         ],
     }
 
@@ -89,14 +115,27 @@ def _rope_entries(model: CanonicalModel) -> dict[str, Any]:
     return {"rope_theta": t.rope_theta, "rope_scaling": scaling, "rope_parameters": params}
 
 
+def _moe_entries(model: CanonicalModel) -> dict[str, Any]:
+    """Qwen3-MoE keys as Hub configs spell them (``num_experts``; transformers 5 maps it to
+    ``num_local_experts``); nothing for a dense model."""
+    t = model.text
+    if not t.is_moe:
+        return {}
+    return {"num_experts": t.num_experts, "num_experts_per_tok": t.num_experts_per_tok,
+            "moe_intermediate_size": t.moe_intermediate_size,
+            "norm_topk_prob": t.norm_topk_prob, "decoder_sparse_step": t.decoder_sparse_step,
+            "mlp_only_layers": list(t.mlp_only_layers)}
+
+
 def hf_config(model: CanonicalModel, config_dtype: str, projector: dict[str, Any]
               ) -> dict[str, Any]:
-    """``config.json``: a standard Qwen3 config plus ``auto_map`` and the projector key."""
+    """``config.json``: a standard Qwen3 (or Qwen3-MoE) config plus ``auto_map`` and the
+    projector key."""
     t = model.text
     raw = t.raw_config or {}
     cfg: dict[str, Any] = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": ["Qwen3MoeForCausalLM" if t.is_moe else "Qwen3ForCausalLM"],
+        "model_type": "qwen3_moe" if t.is_moe else "qwen3",
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -109,6 +148,7 @@ def hf_config(model: CanonicalModel, config_dtype: str, projector: dict[str, Any
         "rms_norm_eps": t.rms_norm_eps,
         **_rope_entries(model),
         "attention_bias": t.attention_bias,
+        **_moe_entries(model),
         "tie_word_embeddings": model.tied,
         **{k: raw[k] for k in PASSTHROUGH_KEYS if k in raw},
         "bos_token_id": model.special.bos_id,
@@ -116,7 +156,8 @@ def hf_config(model: CanonicalModel, config_dtype: str, projector: dict[str, Any
         "pad_token_id": model.special.pad_id,
         "torch_dtype": config_dtype,
         "dtype": config_dtype,
-        "auto_map": {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"},
+        "auto_map": {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}."
+                                             f"{MOE_MODEL_CLASS if t.is_moe else MODEL_CLASS}"},
         CONFIG_KEY: projector,
     }
     return cfg
@@ -154,16 +195,25 @@ def _card_yaml(model: CanonicalModel) -> str:
     return data.to_yaml()
 
 
+def _layer_label(layer: ProjectorLayer, spec: ProjectorSpec) -> str:
+    if layer.kind == "linear":
+        return f"Linear({layer.in_dim}→{layer.out_dim})"
+    if layer.kind == "layer_norm":
+        return "LayerNorm"
+    if layer.kind == "glu":
+        return f"{layer.activation}(gate)·up ({layer.in_dim}→{layer.out_dim})"
+    if layer.kind in ("tanh_gate", "scale"):
+        return "(1 − tanh g)·x" if layer.complementary else "tanh(g)·x"
+    return layer.activation or spec.activation
+
+
 def _modality_rows(model: CanonicalModel) -> list[str]:
     rows = ["| modality | input dim | projector | output dim | placeholder |",
             "|---|---|---|---|---|"]
     # a "|" ends a table cell even inside a code span: escape it
     token = f"`{model.multimodal_token}`".replace("|", "\\|") + f" (id {model.multimodal_token_id})"
     for name, spec in model.projectors.items():
-        steps = " → ".join(
-            f"Linear({layer.in_dim}→{layer.out_dim})" if layer.kind == "linear" else
-            "LayerNorm" if layer.kind == "layer_norm" else (layer.activation or spec.activation)
-            for layer in spec.layers)
+        steps = " → ".join(_layer_label(layer, spec) for layer in spec.layers)
         rows.append(f"| `{name}` | {spec.input_dim} | {steps} | {spec.output_dim} | {token} |")
     return rows
 
@@ -239,9 +289,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_hf_files(folder: Path, model: CanonicalModel, *, config_dtype: str, repo_id: str,
-                   weights_file: str, tensor_prefix: str) -> list[str]:
-    """Write every non-tensor file of the bundle into ``folder``; return their names."""
-    projector = projector_config(model, weights_file, tensor_prefix)
+                   weights_file: str, tensor_prefix: str,
+                   specs: dict[str, ProjectorSpec] | None = None) -> list[str]:
+    """Write every non-tensor file of the bundle into ``folder``; return their names.
+    ``specs``: the projectors as stored (see :func:`projector_config`)."""
+    projector = projector_config(model, weights_file, tensor_prefix, specs)
     _write_json(folder / "config.json", hf_config(model, config_dtype, projector))
     _write_json(folder / "generation_config.json", generation_config(model))
     written = ["config.json", "generation_config.json"]

@@ -24,9 +24,10 @@ import numpy as np
 from mmconvert.convert.errors import MMConvertError
 
 ARCH = "mmproj-embed"
-SPEC_VERSION = 1  # the newest version this reader understands
+SPEC_VERSION = 2  # the newest version this reader understands
 FUSION_RULE = "replace-placeholders-else-prepend"
-LAYER_KINDS = ("linear", "layer_norm", "act")
+LAYER_KINDS = ("linear", "layer_norm", "act", "glu", "scale")  # glu, scale: version 2
+_WIDENING = ("linear", "glu")  # the kinds that may change the width
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 _Q8_0_BLOCK = 32  # values per block; a block is a float16 scale then 32 int8
 
@@ -102,18 +103,28 @@ def decode_weights(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> n
 @dataclass(frozen=True)
 class Layer:
     name: str
-    kind: str  # linear | layer_norm | act
+    kind: str  # one of LAYER_KINDS
     in_dim: int
     out_dim: int
     activation: str = ""
     eps: float = 0.0
-    weight: np.ndarray | None = None  # linear: [out, in]; layer_norm: [dim]
-    bias: np.ndarray | None = None
+    weight: np.ndarray | None = None  # linear, glu's gate: [out, in]; layer_norm: [dim]; scale
+    bias: np.ndarray | None = None  # linear, layer_norm, glu's gate
+    up_weight: np.ndarray | None = None  # glu's up: [out, in]
+    up_bias: np.ndarray | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.kind == "linear":
             y = x @ self.weight.T
             return y + self.bias if self.bias is not None else y
+        if self.kind == "glu":  # act(x G^T + bg) * (x U^T + bu)
+            gate = x @ self.weight.T
+            up = x @ self.up_weight.T
+            if self.bias is not None:
+                gate, up = gate + self.bias, up + self.up_bias
+            return ACTIVATIONS[self.activation](gate) * up
+        if self.kind == "scale":  # already tanh(g) or 1 - tanh(g): only multiply
+            return x * self.weight
         if self.kind == "layer_norm":
             mu = x.mean(axis=-1, keepdims=True)
             centred = x - mu
@@ -274,25 +285,36 @@ def _read_modality(f: _Fields, tensors: dict[str, Any], m: str, hidden: int
             raise f.fail(f"{where}: kind {kind!r} (expected one of {', '.join(LAYER_KINDS)})")
         if d_in != width:
             raise f.fail(f"{where}: input width {d_in}, but the previous layer gives {width}")
-        if kind != "linear" and d_out != d_in:
+        if kind not in _WIDENING and d_out != d_in:
             raise f.fail(f"{where}: a {kind} layer keeps the width, got {d_in} -> {d_out}")
-        if kind == "act" and act not in ACTIVATIONS:
+        if kind in ("act", "glu") and act not in ACTIVATIONS:
             raise f.fail(f"{where}: activation {act!r} (known: {', '.join(ACTIVATIONS)})")
-        weight = bias = None
+        weight = bias = up_weight = up_bias = None
+        t = f"mm.{m}.{name}."
         if kind == "linear":
-            weight = _tensor(f, tensors, f"mm.{m}.{name}.weight", (d_out, d_in))
+            weight = _tensor(f, tensors, t + "weight", (d_out, d_in))
         elif kind == "layer_norm":
-            weight = _tensor(f, tensors, f"mm.{m}.{name}.weight", (d_out,))
-        if kind != "act" and has_bias:
-            bias = _tensor(f, tensors, f"mm.{m}.{name}.bias", (d_out,))
-        layers.append(Layer(name, kind, int(d_in), int(d_out), act if kind == "act" else "",
-                            float(eps), weight, bias))
+            weight = _tensor(f, tensors, t + "weight", (d_out,))
+        elif kind == "glu":
+            weight = _tensor(f, tensors, t + "gate.weight", (d_out, d_in))
+            up_weight = _tensor(f, tensors, t + "up.weight", (d_out, d_in))
+        elif kind == "scale":  # one value for every channel, or one per channel
+            count = int(tensors[t + "scale"].n_elements) if t + "scale" in tensors else d_out
+            weight = _tensor(f, tensors, t + "scale", (1,) if count == 1 else (d_out,))
+        if kind in ("linear", "layer_norm") and has_bias:
+            bias = _tensor(f, tensors, t + "bias", (d_out,))
+        elif kind == "glu" and has_bias:
+            bias = _tensor(f, tensors, t + "gate.bias", (d_out,))
+            up_bias = _tensor(f, tensors, t + "up.bias", (d_out,))
+        layers.append(Layer(name, kind, int(d_in), int(d_out),
+                            act if kind in ("act", "glu") else "", float(eps), weight, bias,
+                            up_weight, up_bias))
         width = d_out
     if width != output_dim:
         raise f.fail(f"modality {m!r}: the last layer gives width {width}, output_dim is "
                      f"{output_dim}")
     hidden_dim = f.get(f"{p}.hidden_dim", "UINT32")
-    first_linear = next((x for x in layers if x.kind == "linear"), None)
+    first_linear = next((x for x in layers if x.kind in _WIDENING), None)
     if first_linear is not None and first_linear.out_dim != hidden_dim:
         raise f.fail(f"modality {m!r}: hidden_dim {hidden_dim}, but the first linear layer "
                      f"gives {first_linear.out_dim}")

@@ -2,8 +2,10 @@
 
 It reads the checkpoint files directly (safetensors or a weights-only pickle), builds the
 projectors as the seed's ``nn.Sequential`` (Linear, [LayerNorm], act, Dropout, Linear,
-[LayerNorm]) and runs transformers' Qwen3ForCausalLM in fp32. It shares no code with
-mmconvert's readers or its verify reference, so a bug there cannot hide here.
+[LayerNorm]) -- or, for the other ``projector_type`` s of ``docs/dialects.md``, as plain torch
+modules written from that document (SwiGLU, low-rank, a tanh gate on the output) -- and runs
+transformers' Qwen3ForCausalLM in fp32. It shares no code with mmconvert's readers or its
+verify reference, so a bug there cannot hide here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,90 @@ import torch
 from torch import nn
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class SwiGLUProjector(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``, then ``norm`` when asked."""
+
+    def __init__(self, fan_in: int, hidden: int, out: int, act: type, norm: bool, bias: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(fan_in, hidden, bias=bias)
+        self.up_proj = nn.Linear(fan_in, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, out, bias=bias)
+        self.act = act()
+        self.norm = nn.LayerNorm(out) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class LowRankProjector(nn.Module):
+    """``up(act(norm(down(x))))`` with the norm and the activation optional."""
+
+    def __init__(self, fan_in: int, rank: int, out: int, act: type | None, norm: bool, bias: bool):
+        super().__init__()
+        self.down = nn.Linear(fan_in, rank, bias=bias)
+        self.norm = nn.LayerNorm(rank) if norm else nn.Identity()
+        self.act = act() if act else nn.Identity()
+        self.up = nn.Linear(rank, out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.norm(self.down(x))))
+
+
+class TanhGated(nn.Module):
+    """``tanh(gate) * inner(x)`` (``1 - tanh`` when complementary), gate scalar or per channel."""
+
+    def __init__(self, inner: nn.Module, width: int, complementary: bool):
+        super().__init__()
+        self.inner = inner
+        self.gate = nn.Parameter(torch.zeros(width))
+        self.complementary = complementary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.tanh(self.gate)
+        return self.inner(x) * (1 - g if self.complementary else g)
+
+
+def _projector(m: dict, cfg: dict, hidden: int, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """One modality's projector from its config entry and its tensors (prefix removed)."""
+    kind = m.get("projector_type", "mlp")
+    act = ACTS[m.get("activation") or cfg.get("projector_hidden_act", "gelu")]
+    norm = m.get("layer_norm", cfg.get("use_layer_norm", True))
+    bias = m.get("bias", True)
+    weights = dict(weights)
+    if kind == "mlp":
+        mid = m.get("hidden_dim") or hidden
+        if norm:
+            module = nn.Sequential(nn.Linear(m["input_dim"], mid), nn.LayerNorm(mid), act(),
+                                   nn.Dropout(cfg.get("projector_dropout", 0.0)),
+                                   nn.Linear(mid, hidden), nn.LayerNorm(hidden))
+        else:
+            module = nn.Sequential(nn.Linear(m["input_dim"], mid), act(),
+                                   nn.Dropout(cfg.get("projector_dropout", 0.0)),
+                                   nn.Linear(mid, hidden))
+    elif kind == "swiglu":
+        module = SwiGLUProjector(m["input_dim"], m.get("hidden_dim") or hidden, hidden, act,
+                                 norm, bias)
+        for part in ("weight", "bias"):
+            fused = weights.pop(f"gate_up_proj.{part}", None)
+            if fused is not None:
+                first, second = fused.chunk(2)
+                gate_first = m.get("gate_up_gate_first", True)
+                weights[f"gate_proj.{part}"] = first if gate_first else second
+                weights[f"up_proj.{part}"] = second if gate_first else first
+    elif kind == "low_rank":
+        low_act = ACTS[m["activation"]] if m.get("activation") else None
+        module = LowRankProjector(m["input_dim"], m["rank"], hidden, low_act,
+                                  m.get("layer_norm", False), bias)
+    else:
+        raise ValueError(f"projector_type {kind}")
+    if m.get("gate"):
+        width = hidden if m["gate"].get("per_channel") else 1
+        module = TanhGated(module, width, m["gate"].get("complementary", False))
+        weights = {("gate" if k == "gate" else f"inner.{k}"): v for k, v in weights.items()}
+    module.load_state_dict(weights)
+    return module
 
 
 def _state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -77,20 +163,11 @@ class SeedModel(nn.Module):
         self.lm.load_state_dict(lm_state, strict=True)
         hidden = qcfg.hidden_size
         self.projectors = nn.ModuleDict()
-        act = ACTS[cfg.get("projector_hidden_act", "gelu")]
         for name, m in cfg["modality_configs"].items():
-            mid = m.get("hidden_dim") or hidden
-            if cfg.get("use_layer_norm", True):
-                seq = nn.Sequential(nn.Linear(m["input_dim"], mid), nn.LayerNorm(mid), act(),
-                                    nn.Dropout(cfg.get("projector_dropout", 0.0)),
-                                    nn.Linear(mid, hidden), nn.LayerNorm(hidden))
-            else:
-                seq = nn.Sequential(nn.Linear(m["input_dim"], mid), act(),
-                                    nn.Dropout(cfg.get("projector_dropout", 0.0)),
-                                    nn.Linear(mid, hidden))
             prefix = f"multimodal_projector.projectors.{name}."
-            seq.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-            self.projectors[name] = seq
+            self.projectors[name] = _projector(
+                m, cfg, hidden, {k[len(prefix):]: v for k, v in state.items()
+                                 if k.startswith(prefix)})
         tok = json.loads((ckpt / "tokenizer.json").read_text()) if (ckpt / "tokenizer.json").is_file() \
             else json.loads(((base or Path(cfg["base_model_name"])) / "tokenizer.json").read_text())
         token = cfg.get("multimodal_token", "<|multimodal|>")

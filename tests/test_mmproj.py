@@ -176,7 +176,7 @@ A = "mmproj-embed"
 
 @pytest.mark.parametrize("edit, message", [
     ({"kv": {"general.architecture": "clip"}}, "general.architecture is 'clip'"),
-    ({"kv": {f"{A}.spec_version": 2}}, "spec_version 2 is newer than this reader's 1"),
+    ({"kv": {f"{A}.spec_version": 3}}, "spec_version 3 is newer than this reader's 2"),
     ({"kv": {f"{A}.fusion": "cross-attention"}}, "fusion rule 'cross-attention' is unknown"),
     ({"kv": {f"{A}.m1.input_dim": "48"}}, f"key {A}.m1.input_dim is STRING, the spec says UINT32"),
     ({"drop_keys": [f"{A}.m2.layer.eps"]}, f"key {A}.m2.layer.eps is missing"),

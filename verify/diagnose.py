@@ -2,9 +2,10 @@
 
 Given a bundle tensor that failed :func:`mmconvert.verify.tensorcheck.compare_tensor`, each
 hypothesis rebuilds what the tensor would look like under one known bug (Q/K rope permutation,
-a sibling tensor swapped in, rows shifted by one, the embedding used as the output matrix, a
-scale factor, a few corrupted rows or blocks) and keeps the first that explains the bytes
-within the same tolerance. The result is a one-line hint shown next to the tensor in reports.
+a sibling tensor swapped in, experts out of order, rows shifted by one, the embedding used as
+the output matrix, a scale factor, a few corrupted rows or blocks; for projectors a tanh gate
+applied twice, not at all or inverted, a fold in the wrong order or without the first bias)
+and keeps the first that explains the bytes within the same tolerance. The result is a one-line hint shown next to the tensor in reports.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ SIBLINGS = {
     "post_attention_layernorm.weight": "input_layernorm.weight",
     "self_attn.k_proj.weight": "self_attn.v_proj.weight",
     "self_attn.v_proj.weight": "self_attn.k_proj.weight",
+    "mlp.experts.gate_proj": "mlp.experts.up_proj",
+    "mlp.experts.up_proj": "mlp.experts.gate_proj",
 }
 
 
-def _matches(bundle: np.ndarray, candidate: np.ndarray | None, dtype: str) -> bool:
+def _matches(bundle: np.ndarray, candidate: np.ndarray | None, dtype: str,
+             derived: bool = False) -> bool:
     if candidate is None or candidate.shape != bundle.shape:
         return False
-    mask = _bad_mask(bundle, candidate.astype(np.float32), dtype)
+    mask = _bad_mask(bundle, candidate.astype(np.float32), dtype, derived)
     return mask is not None and not mask.any()
 
 
@@ -71,6 +75,14 @@ def _rope(diff: TensorDiff, bundle, source, model, read) -> str | None:
 
 
 def _sibling(diff: TensorDiff, bundle, source, model, read) -> str | None:
+    glu = re.match(r"(mm\.[^.]+\.[^.]+\.)(gate|up)\.(weight|bias)$", diff.name)
+    if glu:
+        other = f"{glu.group(1)}{'up' if glu.group(2) == 'gate' else 'gate'}.{glu.group(3)}"
+        if _matches(bundle, read(other), diff.dtype):
+            return (f"holds the checkpoint's {other}: gate and up of the gated projector are "
+                    "swapped (act(gate(x)) * up(x) is not symmetric; check which half of a "
+                    "fused gate_up is the gate)")
+        return None
     m = re.match(r"(model\.layers\.)(\d+)\.(.*)", diff.name)
     if not m:
         return None
@@ -83,6 +95,22 @@ def _sibling(diff: TensorDiff, bundle, source, model, read) -> str | None:
         if _matches(bundle, read(name), diff.dtype):
             return f"holds the checkpoint's {name}: layers are off by {delta:+d}"
     return None
+
+
+def _experts(diff: TensorDiff, bundle, source, model, read) -> str | None:
+    """Stacked Qwen3-MoE experts written or read back in the wrong order."""
+    if source.ndim != 3 or ".mlp.experts." not in diff.name:
+        return None
+    moved = []
+    for e in range(source.shape[0]):
+        if _matches(bundle[e], source[e], diff.dtype):
+            continue
+        found = next((j for j in range(source.shape[0])
+                      if _matches(bundle[e], source[j], diff.dtype)), None)
+        if found is None:
+            return None
+        moved.append(f"expert {e} holds expert {found}")
+    return f"experts are out of order ({', '.join(moved)})" if moved else None
 
 
 def _shift(diff: TensorDiff, bundle, source, model, read) -> str | None:
@@ -141,7 +169,57 @@ def _local(diff: TensorDiff, bundle, source, model, read) -> str | None:
     return None
 
 
-HYPOTHESES = (_output, _rope, _sibling, _shift, _scale, _local)
+def _tanh_gate(diff: TensorDiff, bundle, source, model, read) -> str | None:
+    """A tanh gate applied when it should not be, twice, not at all, or the wrong way round."""
+    from mmconvert.convert.transforms import apply_tanh_gate
+
+    if diff.derivation.startswith("apply_tanh_gate"):  # stored applied (projector GGUF)
+        raw = read(diff.covers[0])
+        comp = "complementary=True" in diff.derivation
+        if raw is None:
+            return None
+        if _matches(bundle, raw, diff.dtype, True):
+            return (f"holds the raw gate g of {diff.covers[0]}: the tanh gate was not applied "
+                    "(this file stores the multiplier " + ("1 - tanh(g)" if comp else "tanh(g)")
+                    + " that a runtime only multiplies by)")
+        if _matches(bundle, apply_tanh_gate(source, comp), diff.dtype, True):
+            return "the tanh gate was applied twice (the stored multiplier went through tanh again)"
+        if _matches(bundle, apply_tanh_gate(raw, not comp), diff.dtype, True):
+            return ("holds " + ("tanh(g)" if comp else "1 - tanh(g)") + " but the layer declares "
+                    + ("1 - tanh(g)" if comp else "tanh(g)") + ": the complementary flag of the "
+                    "gate is inverted")
+        return None
+    m = re.fullmatch(r"mm\.([^.]+)\.([^.]+)\.gate", diff.name)
+    spec = model.projectors.get(m.group(1)) if m else None
+    layer = next((x for x in spec.layers if x.name == m.group(2)), None) if spec else None
+    if layer is not None and layer.kind == "tanh_gate":  # stored raw (HF, safetensors)
+        for comp in (layer.complementary, not layer.complementary):
+            if _matches(bundle, apply_tanh_gate(source, comp), diff.dtype, True):
+                return (f"holds {'1 - tanh(g)' if comp else 'tanh(g)'} instead of the raw gate g: "
+                        "this bundle keeps g and its code applies tanh, so the gate was applied "
+                        "twice")
+    return None
+
+
+def _fold(diff: TensorDiff, bundle, source, model, read) -> str | None:
+    """A fold of linear maps computed the wrong way round, or with the first bias dropped."""
+    if not diff.derivation.startswith("fold_linear"):
+        return None
+    if diff.name.endswith(".weight"):
+        if source.ndim == 2 and _matches(bundle, source.T, diff.dtype, True):
+            return ("the folded matrix is transposed: the fold multiplied the maps in the "
+                    "wrong order (W_first^T @ W_second^T instead of W_second @ W_first)")
+        return None
+    # a folded bias covers the n biases then the n - 1 later weights (verify/derived.py)
+    n = (len(diff.covers) + 1) // 2
+    last_bias = read(diff.covers[n - 1]) if diff.covers else None
+    if _matches(bundle, last_bias, diff.dtype, True):
+        return ("the folded bias is the last map's bias alone: the earlier biases must pass "
+                "through the later maps (b = W_second @ b_first + b_second)")
+    return None
+
+
+HYPOTHESES = (_tanh_gate, _fold, _output, _rope, _sibling, _experts, _shift, _scale, _local)
 
 
 def explain(diff: TensorDiff, bundle: np.ndarray, source: np.ndarray, model: CanonicalModel,

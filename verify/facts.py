@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmconvert.convert.model import CanonicalModel, ProjectorSpec
+from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
 
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
@@ -23,15 +23,29 @@ ACTIVATION_NAMES = {"gelu": "exact erf GELU (nn.GELU())", "gelu_tanh": "tanh-app
                     "relu": "ReLU", "silu": "SiLU", "tanh": "tanh"}
 
 
+def _layer_facts(layer: ProjectorLayer) -> list[str]:
+    """A layer as the checkpoint would describe it: a bundle's stored forms (a tanh gate kept
+    applied as a ``scale``, linear maps folded into one) read as the layers they stand for,
+    so only a real difference in the math differs here."""
+    if layer.folded_from:
+        return [f"linear:{name}" for name in layer.folded_from]
+    if layer.kind in ("tanh_gate", "scale") and (layer.kind == "tanh_gate" or layer.gate):
+        return [f"tanh_gate:{layer.name}(" + ("1 - tanh(g)" if layer.complementary else "tanh(g)")
+                + (", per channel)" if layer.per_channel else ")")]
+    if layer.kind == "layer_norm":
+        return [f"layer_norm:{layer.name}(eps={layer.eps:g})"]
+    if layer.kind == "glu":
+        return [f"glu:{layer.name}({layer.activation})"]
+    return [f"{layer.kind}:{layer.name}"]
+
+
 def projector_facts(spec: ProjectorSpec) -> dict[str, Any]:
     return {
         "input_dim": spec.input_dim,
         "output_dim": spec.output_dim,
         "activation": spec.activation,
         "layer_norm": spec.layer_norm,
-        "layers": [f"{layer.kind}:{layer.name}" + (f"(eps={layer.eps:g})"
-                                                   if layer.kind == "layer_norm" else "")
-                   for layer in spec.layers],
+        "layers": [fact for layer in spec.layers for fact in _layer_facts(layer)],
     }
 
 
@@ -71,9 +85,14 @@ def _explain(key: str, bundle: Any, source: Any) -> str:
         b = ACTIVATION_NAMES.get(str(bundle), bundle)
         s = ACTIVATION_NAMES.get(str(source), source)
         return f"{key}: the bundle uses {b}, the checkpoint {s}"
-    if key.endswith(".layer_norm") or key.endswith(".layers"):
+    if key.endswith(".layer_norm"):
         return (f"{key}: the bundle has {bundle}, the checkpoint {source} (a projector layer "
                 "norm added or dropped)")
+    if key.endswith(".layers"):
+        changed = [f"{b} instead of {s}" for b, s in zip(bundle, source) if b != s]
+        detail = changed[0] if changed and len(bundle) == len(source) else \
+            "a projector layer norm added or dropped" if len(bundle) != len(source) else ""
+        return f"{key}: the bundle has {bundle}, the checkpoint {source} ({detail})"
     if key in ("special.eos", "special.eos_set", "special.eos_id"):
         return (f"eos ids: the bundle declares {bundle}, the checkpoint resolves {source} "
                 "(generation would not stop, or stop on the wrong token)")

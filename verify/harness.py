@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,9 @@ def _source_reader(model: CanonicalModel) -> Callable[[str], np.ndarray | None]:
 def _resolve_output_type(target: Target, tensors: list[BundleTensor],
                          model: CanonicalModel) -> str:
     """``auto`` (HF/safetensors): ``same`` when every tensor keeps its source dtype, else the
-    float type most weights were cast to."""
+    float type most weights were cast to. Tensors computed from the source (folded linear
+    maps) are exact weights in new arithmetic: an otherwise uncast bundle gets ``F32``'s
+    limits rather than bit-for-bit ``same``."""
     if target.output_type != "auto":
         return target.output_type
     counts: dict[str, int] = {}
@@ -175,7 +177,7 @@ def _resolve_output_type(target: Target, tensors: list[BundleTensor],
         if bt.dtype in FLOAT_DTYPES:
             counts[bt.dtype] = counts.get(bt.dtype, 0) + bt.numel
     if same or not counts:
-        return "same"
+        return "F32" if any(bt.expect is not None for bt in tensors) else "same"
     return max(counts, key=lambda k: counts[k])
 
 
@@ -201,21 +203,27 @@ class _TensorChecker:
                              "compared")
             return array
 
-        return BundleTensor(bt.name, bt.stored_as, bt.dtype, load, bt.numel)
+        return replace(bt, load=load)
 
     def _compare(self, bt: BundleTensor, array: np.ndarray) -> TensorDiff:
-        source = self.read(bt.name) if bt.name else None
+        if bt.expect is not None:  # stored computed from the source: recompute it
+            source = bt.expect(self.read)
+        else:
+            source = self.read(bt.name) if bt.name else None
         if source is None:
             return TensorDiff(bt.name or bt.stored_as, bt.stored_as, bt.dtype, "unexpected",
                               numel=int(array.size))
-        diff = compare_tensor(bt.name, bt.stored_as, bt.dtype, array, source)
+        diff = compare_tensor(bt.name, bt.stored_as, bt.dtype, array, source,
+                              derived=bt.expect is not None)
+        diff.derivation, diff.covers = bt.derivation, bt.covers
         if diff.status == "mismatch":
             diff.hint = explain(diff, array, source, self.model, self.read)
         elif diff.status == "ok" and bt.name == "lm_head.weight" and self.model.tied:
             diff.hint = "stored although the checkpoint ties it; equal to the embedding"
         return diff
 
-    def missing(self, present: set[str]) -> list[TensorDiff]:
+    def missing(self, tensors: list[BundleTensor]) -> list[TensorDiff]:
+        present = {bt.name for bt in tensors} | {n for bt in tensors for n in bt.covers}
         return [TensorDiff(name, name, self.model.tensors[name].dtype, "missing")
                 for name in self.model.tensors if name not in present]
 
@@ -259,7 +267,7 @@ def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLog
             for bt in bundle_tensors:  # the ones the forward did not read still get checked
                 if bt.stored_as not in checker.diffs:
                     bt.load()
-        diffs = list(checker.diffs.values()) + checker.missing(set(by_name))
+        diffs = list(checker.diffs.values()) + checker.missing(bundle_tensors)
         result.tensors_checked = len(diffs)
         result.tensor_diffs = rank(diffs)
         for case in reference.cases:

@@ -44,16 +44,27 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def project(spec: ProjectorSpec, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Run one modality's projector; ``weights`` maps canonical names to tensors."""
+    """Run one modality's projector; ``weights`` maps canonical names to tensors (the layer
+    kinds are defined in :mod:`mmconvert.convert.model`)."""
+    linear = torch.nn.functional.linear
     for layer in spec.layers:
         prefix = f"mm.{spec.modality}.{layer.name}."
         if layer.kind == "linear":
-            x = torch.nn.functional.linear(x, weights[prefix + "weight"], weights.get(prefix + "bias"))
+            x = linear(x, weights[prefix + "weight"], weights.get(prefix + "bias"))
         elif layer.kind == "layer_norm":
             x = torch.nn.functional.layer_norm(x, (layer.out_dim,), weights[prefix + "weight"],
                                                weights.get(prefix + "bias"), layer.eps or 1e-5)
         elif layer.kind == "act":
             x = activation(layer.activation or spec.activation, x)
+        elif layer.kind == "glu":
+            gate = linear(x, weights[prefix + "gate.weight"], weights.get(prefix + "gate.bias"))
+            up = linear(x, weights[prefix + "up.weight"], weights.get(prefix + "up.bias"))
+            x = activation(layer.activation or spec.activation, gate) * up
+        elif layer.kind == "tanh_gate":
+            t = torch.tanh(weights[prefix + "gate"])
+            x = x * ((1 - t) if layer.complementary else t)
+        elif layer.kind == "scale":
+            x = x * weights[prefix + "scale"]
         else:
             raise ValueError(f"unknown projector layer kind {layer.kind}")
     return x

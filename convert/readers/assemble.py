@@ -12,11 +12,10 @@ from mmconvert.convert.readers.common import (
     hub_cache_snapshot,
     load_json,
     load_tokenizer_spec,
-    parse_activation,
     resolve_ids,
-    seed_projector_spec,
     text_spec_from_config,
 )
+from mmconvert.convert.readers.projectors import seed_projectors  # noqa: F401 (re-exported)
 from mmconvert.convert.tensors import TensorRef, TensorTable
 
 
@@ -46,17 +45,6 @@ def text_config_for(source: Path, mm_config: dict[str, Any], base_dir: Path | No
             f"{mm_config.get('base_model_name')!r} is not available locally; pass --base DIR "
             "(a Qwen3 folder with config.json and tokenizer files)")
     return load_json(base_dir / "config.json", "base config"), str(base_dir / "config.json")
-
-
-def seed_projectors(mm_config: dict[str, Any], hidden: int, where: str) -> dict[str, ProjectorSpec]:
-    modalities = mm_config.get("modality_configs")
-    if not isinstance(modalities, dict) or not modalities:
-        raise CheckpointError(f"{where}: modality_configs is missing or empty")
-    activation = parse_activation(mm_config.get("projector_hidden_act"), where)
-    layer_norm = bool(mm_config.get("use_layer_norm", True))
-    dropout = float(mm_config.get("projector_dropout", 0.0) or 0.0)
-    return {name: seed_projector_spec(name, m or {}, hidden, activation, layer_norm, dropout, where)
-            for name, m in modalities.items()}
 
 
 def assemble(*, dialect: str, source: Path, mm_config: dict[str, Any], text_config: dict[str, Any],

@@ -11,8 +11,6 @@ from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.ids import resolve_special_ids
 from mmconvert.convert.model import (
     ACTIVATIONS,
-    ProjectorLayer,
-    ProjectorSpec,
     SpecialIds,
     TextSpec,
     TokenizerSpec,
@@ -125,7 +123,7 @@ def text_spec_from_config(cfg: dict[str, Any], where: str) -> TextSpec:
             attention_bias=bool(cfg.get("attention_bias", False)),
             hidden_act=str(cfg.get("hidden_act", "silu")),
             torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
-            num_experts=int(cfg.get("num_experts") or 0),
+            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
             num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
             moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
@@ -277,29 +275,7 @@ def resolve_ids(configs: list[tuple[str, dict]], generation: tuple[str, dict] | 
 
 
 # ---------------------------------------------------------------------------------------------
-# the seed's projector: nn.Sequential of Linear [LayerNorm] act Dropout Linear [LayerNorm]
-
-SEED_INDEX_WITH_NORM = {0: "fc1", 1: "norm1", 4: "fc2", 5: "norm2"}
-SEED_INDEX_WITHOUT_NORM = {0: "fc1", 3: "fc2"}
-
-
-def seed_projector_spec(name: str, mcfg: dict[str, Any], text_hidden: int, activation: str,
-                        layer_norm: bool, dropout: float, where: str) -> ProjectorSpec:
-    try:
-        input_dim = int(mcfg["input_dim"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: modality {name!r} has no input_dim") from exc
-    hidden_dim = int(mcfg.get("hidden_dim") or text_hidden)
-    layers = [ProjectorLayer("linear", "fc1", input_dim, hidden_dim)]
-    if layer_norm:
-        layers.append(ProjectorLayer("layer_norm", "norm1", hidden_dim, hidden_dim, eps=1e-5))
-    layers.append(ProjectorLayer("act", "act", hidden_dim, hidden_dim, activation=activation))
-    layers.append(ProjectorLayer("linear", "fc2", hidden_dim, text_hidden))
-    if layer_norm:
-        layers.append(ProjectorLayer("layer_norm", "norm2", text_hidden, text_hidden, eps=1e-5))
-    return ProjectorSpec(modality=name, input_dim=input_dim, hidden_dim=hidden_dim,
-                         output_dim=text_hidden, activation=activation, layer_norm=layer_norm,
-                         layers=layers, dropout=dropout)
+# projectors (their layouts live in :mod:`mmconvert.convert.readers.projectors`)
 
 
 def parse_activation(value: Any, where: str) -> str:
@@ -310,40 +286,6 @@ def parse_activation(value: Any, where: str) -> str:
         raise CheckpointError(f"{where}: projector_hidden_act {value!r} is not one of "
                               f"{', '.join(ACTIVATIONS)}")
     return act
-
-
-def projector_tensors(spec: ProjectorSpec, sources: dict[str, TensorRef], prefix: str,
-                      where: str) -> list[TensorRef]:
-    """Canonical projector tensors from the seed's ``<prefix><index>.{weight,bias}`` names,
-    checked against the dims the config declares."""
-    index_map = SEED_INDEX_WITH_NORM if spec.layer_norm else SEED_INDEX_WITHOUT_NORM
-    by_layer = {layer.name: layer for layer in spec.layers}
-    refs = []
-    expected_sources = set()
-    for index, layer_name in index_map.items():
-        layer = by_layer[layer_name]
-        for part in ("weight", "bias"):
-            src = f"{prefix}{index}.{part}"
-            expected_sources.add(src)
-            if src not in sources:
-                raise CheckpointError(f"{where}: projector tensor {src} missing for modality "
-                                      f"{spec.modality!r}")
-            ref = sources[src]
-            if layer.kind == "linear":
-                want = (layer.out_dim, layer.in_dim) if part == "weight" else (layer.out_dim,)
-            else:
-                want = (layer.out_dim,)
-            if tuple(ref.shape) != want:
-                raise CheckpointError(
-                    f"{where}: {src} has shape {list(ref.shape)} but modality {spec.modality!r} "
-                    f"declares input_dim={spec.input_dim}, hidden_dim={spec.hidden_dim} "
-                    f"(expected {list(want)})")
-            refs.append(ref.renamed(f"mm.{spec.modality}.{layer_name}.{part}"))
-    extra = sorted(n for n in sources if n.startswith(prefix) and n not in expected_sources)
-    if extra:
-        raise CheckpointError(f"{where}: unexpected projector tensors for modality "
-                              f"{spec.modality!r}: {', '.join(extra[:3])}")
-    return refs
 
 
 def hub_cache_snapshot(repo_id: str) -> Path | None:

@@ -2,7 +2,8 @@
 
 ``config.json`` with ``model_type: multimodal_qwen3``; weights named
 ``language_model.model.*``, ``language_model.lm_head.weight`` and
-``multimodal_projector.projectors.<modality>.<index>.{weight,bias}``.
+``multimodal_projector.projectors.<modality>.<index>.{weight,bias}`` (or the tensors of the
+other projector types, :mod:`mmconvert.convert.readers.projectors`).
 """
 
 from __future__ import annotations
@@ -12,19 +13,10 @@ from pathlib import Path
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, register
-from mmconvert.convert.readers.assemble import (
-    assemble,
-    find_base_dir,
-    seed_projectors,
-    text_config_for,
-)
-from mmconvert.convert.readers.common import (
-    find_weight_files,
-    load_json,
-    open_weight_files,
-    projector_tensors,
-)
+from mmconvert.convert.readers.assemble import assemble, find_base_dir, text_config_for
+from mmconvert.convert.readers.common import find_weight_files, load_json, open_weight_files
 from mmconvert.convert.readers.names import split_fused_gate_up, stack_experts, unwrap_names
+from mmconvert.convert.readers.projectors import projector_tensors, seed_projectors
 
 LM_PREFIX = "language_model."
 PROJECTOR_PREFIX = "multimodal_projector.projectors."
@@ -70,7 +62,10 @@ class MultimodalQwen3Reader:
         projectors = seed_projectors(mm_config, hidden, str(path / "config.json"))
         proj_refs = []
         for modality, spec in projectors.items():
-            proj_refs += projector_tensors(spec, sources, f"{PROJECTOR_PREFIX}{modality}.", str(path))
+            mcfg = mm_config["modality_configs"][modality] or {}
+            proj_refs += projector_tensors(spec, sources, f"{PROJECTOR_PREFIX}{modality}.",
+                                           str(path), bool(mcfg.get("gate_up_gate_first",
+                                                                    gate_first)))
         stray = sorted(n for n in sources if n.startswith(PROJECTOR_PREFIX)
                        and n[len(PROJECTOR_PREFIX):].split(".")[0] not in projectors)
         if stray:

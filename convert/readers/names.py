@@ -11,8 +11,9 @@ is never touched. Fused dense ``gate_up_proj [2I, H]`` weights are split into th
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
-from mmconvert.convert.tensors import TensorRef, stack_tensors
+from mmconvert.convert.tensors import Origin, TensorRef, stack_tensors
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.)gate_up_proj\.weight$")
@@ -65,7 +66,8 @@ def split_fused_gate_up(lm: dict[str, TensorRef], gate_first: bool = True) -> tu
         gate_rows, up_rows = ((0, half), (half, 2 * half)) if gate_first else ((half, 2 * half), (0, half))
         for part, (lo, hi) in (("gate", gate_rows), ("up", up_rows)):
             target = f"{m.group(1)}{part}_proj.weight"
-            out[target] = ref.row_slice(target, f"split_gate_up({order})[{part}]", lo, hi)
+            out[target] = replace(ref.row_slice(target, f"split_gate_up({order})[{part}]", lo, hi),
+                                  origin=Origin("slice", 0, lo, hi))
     return out, fused
 
 
@@ -95,9 +97,9 @@ def stack_experts(lm: dict[str, TensorRef], gate_first: bool = True) -> tuple[di
             order = "gate,up" if gate_first else "up,gate"
             for part, first_half in (("gate", gate_first), ("up", not gate_first)):
                 sl = slice(0, half) if first_half else slice(half, 2 * half)
-                out[f"{m.group(1)}{part}_proj"] = ref.derive(
-                    f"{m.group(1)}{part}_proj", f"split_gate_up({order})[{part}]",
-                    lambda a, sl=sl: a[:, sl, :], shape, row_separable=True)
+                split = ref.derive(f"{m.group(1)}{part}_proj", f"split_gate_up({order})[{part}]",
+                                   lambda a, sl=sl: a[:, sl, :], shape, row_separable=True)
+                out[split.name] = replace(split, origin=Origin("slice", 1, sl.start, sl.stop))
             continue
         out[name] = ref
     for (prefix, part), experts in groups.items():

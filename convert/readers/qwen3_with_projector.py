@@ -14,13 +14,10 @@ from pathlib import Path
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, register
-from mmconvert.convert.readers.assemble import assemble, seed_projectors
-from mmconvert.convert.readers.common import (
-    find_weight_files,
-    load_json,
-    open_weight_files,
-    projector_tensors,
-)
+from mmconvert.convert.readers.assemble import assemble
+from mmconvert.convert.readers.common import find_weight_files, load_json, open_weight_files
+from mmconvert.convert.readers.names import split_fused_gate_up, stack_experts
+from mmconvert.convert.readers.projectors import projector_tensors, seed_projectors
 
 PROJECTOR_PREFIXES = ("multimodal_projector.projectors.", "projectors.", "")
 
@@ -38,11 +35,11 @@ def projector_config_path(projector: Path, given: Path | None) -> Path:
 
 class Qwen3WithProjectorReader:
     name = "qwen3+projector"
-    description = "a plain Qwen3 folder (model_type qwen3) with --projector FILE"
+    description = "a plain Qwen3 folder (model_type qwen3 or qwen3_moe) with --projector FILE"
 
     def detect(self, path: Path, options: ReadOptions) -> bool:
         cfg = load_json(path / "config.json", "config")
-        if cfg.get("model_type") != "qwen3":
+        if cfg.get("model_type") not in ("qwen3", "qwen3_moe"):
             return False
         if options.projector is None:
             raise CheckpointError(f"{path}: a plain Qwen3 folder; pass --projector FILE with "
@@ -60,7 +57,11 @@ class Qwen3WithProjectorReader:
         files = find_weight_files(path)
         if not files:
             raise CheckpointError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
-        lm = open_weight_files(files)
+        lm, _ = split_fused_gate_up(open_weight_files(files))
+        try:
+            lm, _ = stack_experts(lm)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
         proj_sources = open_weight_files([projector])
         hidden = int(text_config.get("hidden_size", 0))
         projectors = seed_projectors(proj_config, hidden, str(cfg_path))
@@ -73,7 +74,10 @@ class Qwen3WithProjectorReader:
                                   f"projectors.{next(iter(projectors))}.0.weight)")
         proj_refs = []
         for modality, spec in projectors.items():
-            proj_refs += projector_tensors(spec, proj_sources, f"{prefix}{modality}.", str(projector))
+            mcfg = proj_config["modality_configs"][modality] or {}
+            proj_refs += projector_tensors(spec, proj_sources, f"{prefix}{modality}.",
+                                           str(projector), bool(mcfg.get("gate_up_gate_first",
+                                                                         True)))
         known = {r.source_name for r in proj_refs}
         stray = sorted(set(proj_sources) - known)
         if stray:

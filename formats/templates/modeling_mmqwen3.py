@@ -1,4 +1,5 @@
-"""Multimodal Qwen3 for transformers: per-modality projector MLPs over ``Qwen3ForCausalLM``.
+"""Multimodal Qwen3 for transformers: per-modality projectors over ``Qwen3ForCausalLM`` (or
+``Qwen3MoeForCausalLM`` for a Qwen3-MoE language model).
 
 This file is copied into Hugging Face bundles written by mmconvert and is loaded through
 ``auto_map`` with ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
@@ -6,8 +7,9 @@ It is self-contained (torch, transformers and safetensors, which transformers re
 
 What it reads:
 - ``config.multimodal_config``: the projector description (modalities in fusion order, each an
-  ordered list of layers ``linear | layer_norm | act``), the placeholder token and its id;
-- ``multimodal_projector.safetensors``: tensors ``multimodal_projector.<modality>.<layer>.<weight|bias>``.
+  ordered list of layers ``linear | layer_norm | act | glu | tanh_gate``), the placeholder
+  token and its id;
+- ``multimodal_projector.safetensors``: tensors ``multimodal_projector.<modality>.<layer>.<param>``.
 
 Inputs: ``mm_inputs = {"m1": [tensor, ...], "m2": [...]}``; an item is ``[input_dim]`` (one
 row) or ``[n, input_dim]``. Early fusion: the projected rows (modalities in config order, items
@@ -23,11 +25,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 CONFIG_KEY = "multimodal_config"
 PROJECTOR_FORMAT = "mmconvert.multimodal_projector"
-SUPPORTED_VERSION = 1
+SUPPORTED_VERSIONS = (1, 2)  # 2 adds the glu and tanh_gate layer kinds
 IGNORE_INDEX = -100
 
 
@@ -46,9 +48,36 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"unknown projector activation {name!r} (relu, gelu, gelu_tanh, tanh, silu)")
 
 
+class GatedLinear(nn.Module):
+    """``act(gate(x)) * up(x)`` (SwiGLU with SiLU): parameters ``gate.*`` and ``up.*``."""
+
+    def __init__(self, in_dim: int, out_dim: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.gate = nn.Linear(in_dim, out_dim, bias=bias)
+        self.up = nn.Linear(in_dim, out_dim, bias=bias)
+        self.act = make_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.gate(x)) * self.up(x)
+
+
+class TanhGate(nn.Module):
+    """A learned gate ``g`` (one value, or one per channel) stored raw: ``x * tanh(g)``, or
+    ``x * (1 - tanh(g))`` when complementary (Flamingo / mllama style)."""
+
+    def __init__(self, dim: int, per_channel: bool = False, complementary: bool = False):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim if per_channel else 1))
+        self.complementary = complementary
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(self.gate)
+        return x * ((1 - t) if self.complementary else t)
+
+
 class ModalityProjector(nn.ModuleDict):
     """One modality's projector: its layers in order, each a submodule named as in the config
-    (so tensor names are ``<layer>.weight``/``<layer>.bias``)."""
+    (so tensor names are ``<layer>.weight``, ``<layer>.gate.weight``, ``<layer>.gate``...)."""
 
     def __init__(self, spec: Mapping[str, Any]):
         super().__init__()
@@ -62,8 +91,15 @@ class ModalityProjector(nn.ModuleDict):
                 module = nn.LayerNorm(layer["dim"], eps=layer["eps"], bias=layer.get("bias", True))
             elif kind == "act":
                 module = make_activation(layer["activation"])
+            elif kind == "glu":
+                module = GatedLinear(layer["in_dim"], layer["out_dim"], layer["activation"],
+                                     bias=layer.get("bias", True))
+            elif kind == "tanh_gate":
+                module = TanhGate(layer["dim"], layer.get("per_channel", False),
+                                  layer.get("complementary", False))
             else:
-                raise ValueError(f"unknown projector layer kind {kind!r} (linear, layer_norm, act)")
+                raise ValueError(f"unknown projector layer kind {kind!r} (linear, layer_norm, "
+                                 "act, glu, tanh_gate)")
             self[layer["name"]] = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,16 +108,18 @@ class ModalityProjector(nn.ModuleDict):
         return x
 
 
-def projector_spec(config: Qwen3Config) -> dict[str, Any]:
+def projector_spec(config: Qwen3Config | Qwen3MoeConfig) -> dict[str, Any]:
     """``config.multimodal_config``, checked to be a version this code understands."""
     spec = getattr(config, CONFIG_KEY, None)
     if not isinstance(spec, Mapping) or not spec.get("modalities"):
         raise ValueError(f"config.json has no {CONFIG_KEY!r} with modalities: this folder is not "
                          "a multimodal bundle written by mmconvert")
-    if spec.get("format") != PROJECTOR_FORMAT or spec.get("format_version") != SUPPORTED_VERSION:
+    if spec.get("format") != PROJECTOR_FORMAT or \
+            spec.get("format_version") not in SUPPORTED_VERSIONS:
         raise ValueError(f"{CONFIG_KEY} format {spec.get('format')!r} version "
                          f"{spec.get('format_version')!r} is not {PROJECTOR_FORMAT!r} version "
-                         f"{SUPPORTED_VERSION}: update the bundle's modeling_mmqwen3.py")
+                         f"{' or '.join(map(str, SUPPORTED_VERSIONS))}: update the bundle's "
+                         "modeling_mmqwen3.py")
     return dict(spec)
 
 
@@ -124,15 +162,15 @@ def _items(value: Any) -> list[Any]:
     return [value]
 
 
-class MultimodalQwen3ForCausalLM(Qwen3ForCausalLM):
-    """Qwen3ForCausalLM plus ``multimodal_projector``; ``forward`` and ``generate`` take
-    ``mm_inputs`` (a dict for one prompt, or a list of dicts, one per row of the batch)."""
+class MultimodalMixin:
+    """Adds ``multimodal_projector`` to a transformers causal LM; ``forward`` and ``generate``
+    take ``mm_inputs`` (a dict for one prompt, or a list of dicts, one per row of the batch).
+    Mixed into the dense and the MoE Qwen3 classes below, ahead of them in the MRO."""
 
-    config_class = Qwen3Config
     # the projector is not in the language-model shards: it is loaded from its own file below
     _keys_to_ignore_on_load_missing = [r"^multimodal_projector\."]
 
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config):
         super().__init__(config)
         spec = projector_spec(config)
         self.placeholder_token = spec.get("placeholder_token")
@@ -325,3 +363,15 @@ class MultimodalQwen3ForCausalLM(Qwen3ForCausalLM):
         if mask is None:
             mask = torch.ones_like(ids)
         return super().generate(ids, *args, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+class MultimodalQwen3ForCausalLM(MultimodalMixin, Qwen3ForCausalLM):
+    """``Qwen3ForCausalLM`` with the projectors (``model_type: qwen3``)."""
+
+    config_class = Qwen3Config
+
+
+class MultimodalQwen3MoeForCausalLM(MultimodalMixin, Qwen3MoeForCausalLM):
+    """``Qwen3MoeForCausalLM`` with the projectors (``model_type: qwen3_moe``)."""
+
+    config_class = Qwen3MoeConfig

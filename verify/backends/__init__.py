@@ -43,13 +43,23 @@ class Target:
 
 @dataclass
 class BundleTensor:
-    """A bundle tensor, loadable as float32 in the canonical layout (plan transforms undone)."""
+    """A bundle tensor, loadable as float32 in the canonical layout (plan transforms undone).
+
+    A tensor the bundle stores computed from canonical ones (a tanh gate applied, linear maps
+    folded) has no canonical counterpart: ``name`` is then what the bundle's own projector
+    description calls it (what its forward pass reads), ``covers`` the canonical tensors it
+    stands for, and ``expect(read)`` recomputes the value it should hold from the source
+    (``read``: canonical name -> float32 array or None), ``derivation`` naming the step.
+    """
 
     name: str  # canonical name
     stored_as: str  # the bundle's name
     dtype: str  # storage type in the bundle (BF16, F16, Q8_0, ...)
     load: Callable[[], np.ndarray]
     numel: int = 0
+    covers: tuple[str, ...] = ()
+    expect: Callable[[Callable[[str], np.ndarray | None]], np.ndarray | None] | None = None
+    derivation: str = ""
 
 
 class Runner:

@@ -17,9 +17,11 @@ import numpy as np
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec, TextSpec
 from mmconvert.convert.transforms import neox_to_interleaved
 from mmconvert.verify.backends import BundleError, BundleTensor, Target
+from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import projector_facts
 
 PROJECTOR_ARCH = "mmproj-embed"
+PROJECTOR_SPEC_VERSION = 2  # the newest docs/gguf-projector.md version read here
 TEXT_ARCHS = ("qwen3", "qwen3moe")
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
@@ -178,35 +180,52 @@ class GGUFBundle:
 
     @cached_property
     def projector_specs(self) -> dict[str, ProjectorSpec]:
+        """The projectors as the file declares them (docs/gguf-projector.md, versions 1-2)."""
         if self.projector is None:
             return {}
         p = self.projector
         a = PROJECTOR_ARCH
+        version = int(p.value(f"{a}.spec_version", 1))
+        if version > PROJECTOR_SPEC_VERSION:
+            raise BundleError(f"{p.paths[0]}: projector spec version {version}; this verifier "
+                              f"reads versions up to {PROJECTOR_SPEC_VERSION}")
         specs = {}
         for m in p.value(f"{a}.modalities", []) or []:
-            names = p.value(f"{a}.{m}.layer.names", [])
-            kinds = p.value(f"{a}.{m}.layer.kinds", [])
-            ins = p.value(f"{a}.{m}.layer.in_dims", [])
-            outs = p.value(f"{a}.{m}.layer.out_dims", [])
-            acts = p.value(f"{a}.{m}.layer.activations", [])
-            eps = p.value(f"{a}.{m}.layer.eps", [])
-            bias = p.value(f"{a}.{m}.layer.has_bias", [])
-            if not (len(names) == len(kinds) == len(ins) == len(outs) == len(acts) == len(eps)):
+            keys = ("names", "kinds", "in_dims", "out_dims", "activations", "eps")
+            arrays = [p.value(f"{a}.{m}.layer.{k}", []) for k in keys]
+            names = arrays[0]
+            if any(len(x) != len(names) for x in arrays):
                 raise BundleError(f"{p.paths[0]}: the layer arrays of modality {m!r} differ "
                                   "in length")
-            layers = [ProjectorLayer(kind, name, int(i), int(o),
-                                     activation=(act or None) if kind == "act" else None,
-                                     eps=float(e) if kind == "layer_norm" else None,
-                                     bias=bool(bias[k]) if k < len(bias) else True)
-                      for k, (kind, name, i, o, act, e)
-                      in enumerate(zip(kinds, names, ins, outs, acts, eps))]
-            act = next((x.activation for x in layers if x.kind == "act"), "") or ""
+            bias = p.value(f"{a}.{m}.layer.has_bias", [])
+            gates = p.value(f"{a}.{m}.layer.gates", []) or [""] * len(names)
+            folded = p.value(f"{a}.{m}.layer.folded_from", []) or [""] * len(names)
+            layers = []
+            for k, (name, kind, i, o, act, e) in enumerate(zip(*arrays)):
+                layers.append(ProjectorLayer(
+                    kind, name, int(i), int(o),
+                    activation=(act or None) if kind in ("act", "glu") else None,
+                    eps=float(e) if kind == "layer_norm" else None,
+                    bias=bool(bias[k]) if k < len(bias) else True,
+                    gate="tanh" if k < len(gates) and gates[k] else "",
+                    complementary=k < len(gates) and gates[k] == "1-tanh",
+                    folded_from=tuple(folded[k].split("+")) if k < len(folded) and folded[k]
+                    else ()))
+            act = next((x.activation for x in layers if x.kind in ("act", "glu")), "") or ""
             specs[m] = ProjectorSpec(
                 modality=m, input_dim=int(p.value(f"{a}.{m}.input_dim", 0)),
                 hidden_dim=int(p.value(f"{a}.{m}.hidden_dim", 0)),
                 output_dim=int(p.value(f"{a}.{m}.output_dim", 0)), activation=act,
                 layer_norm=any(x.kind == "layer_norm" for x in layers), layers=layers)
+            self._scale_shapes(specs[m])
         return specs
+
+    def _scale_shapes(self, spec: ProjectorSpec) -> None:
+        """A ``scale`` holds one value or one per channel: its tensor's shape says which."""
+        for layer in spec.layers:
+            t = self.projector.tensors.get(f"mm.{spec.modality}.{layer.name}.scale")
+            if layer.kind == "scale" and t is not None:
+                layer.per_channel = int(t.n_elements) > 1
 
     @property
     def placeholder_id(self) -> int | None:
@@ -285,14 +304,16 @@ class GGUFBundle:
             out.append(BundleTensor(canonical, name, self.text.type_name(name), load,
                                     self.text.numel(name)))
         if self.projector is not None:
+            projector = []
             for name in self.projector.tensors:
-                canonical = name if name in self.model.tensors else ""
-
+                # projector tensors keep their canonical-style names; a tensor the file stores
+                # computed (a gate applied, a fold) is what its own layer list calls it
                 def load_p(name=name) -> np.ndarray:
                     return self.projector.array(name)
 
-                out.append(BundleTensor(canonical, name, self.projector.type_name(name),
-                                        load_p, self.projector.numel(name)))
+                projector.append(BundleTensor(name, name, self.projector.type_name(name),
+                                              load_p, self.projector.numel(name)))
+            out += with_derivations(projector, self.projector_specs)
         return out
 
     # -- vocabulary ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpe
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
 from mmconvert.convert.transforms import neox_to_interleaved
 from mmconvert.verify.backends import BundleError, BundleTensor, Runner, Target, register
+from mmconvert.verify.backends.pieces import canonical_view
 from mmconvert.verify.backends.safetensors import (
     entry_tensor,
     safetensors_entries,
     tokenizer_file_check,
 )
 from mmconvert.verify.cases import Case
+from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import TEXT_KEYS, projector_facts
 from mmconvert.verify.reference import choose_placement
 
@@ -41,7 +44,10 @@ def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, Pro
                     kind, layer["name"], int(layer.get("in_dim", dim or 0)),
                     int(layer.get("out_dim", dim or 0)), activation=layer.get("activation"),
                     eps=float(layer["eps"]) if kind == "layer_norm" else None,
-                    bias=bool(layer.get("bias", kind != "act"))))
+                    bias=bool(layer.get("bias", kind not in ("act", "tanh_gate"))),
+                    per_channel=bool(layer.get("per_channel", False)),
+                    complementary=bool(layer.get("complementary", False)),
+                    folded_from=tuple(layer.get("folded_from") or ())))
             specs[entry["name"]] = ProjectorSpec(
                 modality=entry["name"], input_dim=int(entry["input_dim"]),
                 hidden_dim=int(entry.get("hidden_dim", 0)), output_dim=int(entry["output_dim"]),
@@ -107,15 +113,18 @@ class HFRunner(Runner):
         return array
 
     def tensors(self) -> list[BundleTensor]:
+        stored = [entry_tensor(self.names.get(name, ""), entry)
+                  for name, entry in self.entries.items()]
+        specs = projector_specs_from_config(self.mm, str(self.folder / "config.json"))
         out = []
-        for name, entry in self.entries.items():
-            bt = entry_tensor(self.names.get(name, ""), entry)
+        for bt in with_derivations(canonical_view(stored, self.manifest.get("pieces") or {}),
+                                   specs):
             raw = bt.load
 
             def load(raw=raw, canonical=bt.name) -> np.ndarray:
                 return self._undo_rope(canonical, raw())
 
-            out.append(BundleTensor(bt.name, bt.stored_as, bt.dtype, load, bt.numel))
+            out.append(replace(bt, load=load))
         return out
 
     def prepare(self, tensors: dict[str, BundleTensor], device: str, dtype: torch.dtype) -> None:

@@ -11,8 +11,8 @@ import torch
 
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel, ProjectorSpec, TextSpec
-from mmconvert.convert.readers.assemble import seed_projectors
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
+from mmconvert.convert.readers.projectors import seed_projectors
 from mmconvert.formats.dtypes import to_float32
 from mmconvert.formats.safetensors_io import SafetensorsEntry, read_entry, read_safetensors_header
 from mmconvert.verify.backends import (
@@ -22,6 +22,7 @@ from mmconvert.verify.backends import (
     Target,
     register,
 )
+from mmconvert.verify.backends.pieces import canonical_view
 from mmconvert.verify.backends.torch_forward import build_forward, case_logits
 from mmconvert.verify.cases import Case
 from mmconvert.verify.facts import projector_facts
@@ -141,8 +142,9 @@ class SafetensorsRunner(Runner):
         return facts
 
     def tensors(self) -> list[BundleTensor]:
-        out = [entry_tensor(self.names.get(name, ""), entry)
-               for name, entry in self.entries.items()]
+        out = canonical_view([entry_tensor(self.names.get(name, ""), entry)
+                              for name, entry in self.entries.items()],
+                             self.manifest.get("pieces") or {})
         for stored in self.names:
             if stored not in self.entries:
                 raise BundleError(f"{self.folder}: mmconvert.json lists {stored!r} but no "
