@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mmconvert.convert.model import CanonicalModel
+from mmconvert.convert.model import CanonicalModel, TextSpec
 from mmconvert.convert.tensors import TensorRef
-from mmconvert.convert.transforms import interleaved_to_neox
+from mmconvert.convert.transforms import interleaved_to_neox, neox_to_interleaved
 
 
 def neox_from_interleaved(ref: TensorRef, n_heads: int) -> TensorRef:
@@ -53,3 +53,18 @@ def neox_fixups(model: CanonicalModel) -> dict[str, TensorRef]:
         for norm in ("q_norm.weight", "k_norm.weight"):
             fixed[p + norm] = neox_from_interleaved(model.tensors[p + norm], 1)
     return fixed
+
+
+def undo_neox_fixup(text: TextSpec, canonical: str, array):
+    """The inverse of :func:`neox_fixups` for one tensor read back from a bundle (verify
+    compares it with the source): identity for a NEOX source or an untouched tensor."""
+    if text.rope_layout != "interleaved":
+        return array
+    attn = canonical.split(".self_attn.", 1)[-1] if ".self_attn." in canonical else ""
+    if attn.startswith("q_proj."):
+        return neox_to_interleaved(array, text.num_attention_heads)
+    if attn.startswith("k_proj."):
+        return neox_to_interleaved(array, text.num_key_value_heads)
+    if attn.startswith(("q_norm.", "k_norm.")):
+        return neox_to_interleaved(array, 1)
+    return array

@@ -17,14 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.convert.errors import BundleError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.formats.bundle import read_manifest
 from mmconvert.verify.cases import Case
 
 
-class BundleError(MMConvertError):
-    """A bundle folder verify cannot read (exit 2)."""
+def manifest_name_map(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Bundle tensor name -> canonical name, as the writer recorded it in ``mmconvert.json``."""
+    names = dict(manifest.get("tensors") or {})
+    if not names:
+        raise BundleError(f"{folder}: mmconvert.json has no 'tensors' name map")
+    return names
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec, TextSpec
-from mmconvert.convert.transforms import neox_to_interleaved
+from mmconvert.convert.rope import undo_neox_fixup
 from mmconvert.verify.backends import BundleError, BundleTensor, Target
 from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import projector_facts
@@ -283,15 +283,7 @@ class GGUFBundle:
     def _undo_rope(self, canonical: str, array: np.ndarray) -> np.ndarray:
         """llama.cpp runs Qwen3 with rotate-half rope: a source trained with interleaved pairs
         was permuted per head (Q/K rows, biases and per-head norms); undo it for comparison."""
-        if self.model.text.rope_layout != "interleaved":
-            return array
-        text = self.model.text
-        for pattern, heads in ((r"self_attn\.q_proj\.", text.num_attention_heads),
-                               (r"self_attn\.k_proj\.", text.num_key_value_heads),
-                               (r"self_attn\.[qk]_norm\.", 1)):
-            if re.search(pattern, canonical):
-                return neox_to_interleaved(array, heads)
-        return array
+        return undo_neox_fixup(self.model.text, canonical, array)
 
     def tensors(self) -> list[BundleTensor]:
         out = []

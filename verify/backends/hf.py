@@ -7,7 +7,6 @@ manifest's name map; its facts come from ``config.json`` (``multimodal_config``)
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,15 @@ import torch
 
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
-from mmconvert.convert.transforms import neox_to_interleaved
-from mmconvert.verify.backends import BundleError, BundleTensor, Runner, Target, register
+from mmconvert.convert.rope import undo_neox_fixup
+from mmconvert.verify.backends import (
+    BundleError,
+    BundleTensor,
+    Runner,
+    Target,
+    manifest_name_map,
+    register,
+)
 from mmconvert.verify.backends.pieces import canonical_view
 from mmconvert.verify.backends.safetensors import (
     entry_tensor,
@@ -64,9 +70,7 @@ class HFRunner(Runner):
         super().__init__(target, model)
         self.folder = target.bundle
         self.manifest: dict[str, Any] = target.options["manifest"]
-        self.names: dict[str, str] = dict(self.manifest.get("tensors") or {})
-        if not self.names:
-            raise BundleError(f"{self.folder}: mmconvert.json has no 'tensors' name map")
+        self.names = manifest_name_map(self.folder, self.manifest)
         self.config = load_json(self.folder / "config.json", "config")
         self.mm = self.config.get("multimodal_config") or {}
         if not self.mm:
@@ -102,15 +106,7 @@ class HFRunner(Runner):
 
     def _undo_rope(self, canonical: str, array: np.ndarray) -> np.ndarray:
         """HF's Qwen3 rotates halves: an interleaved source was permuted per head."""
-        text = self.model.text
-        if text.rope_layout != "interleaved":
-            return array
-        for pattern, heads in ((r"self_attn\.q_proj\.", text.num_attention_heads),
-                               (r"self_attn\.k_proj\.", text.num_key_value_heads),
-                               (r"self_attn\.[qk]_norm\.", 1)):
-            if re.search(pattern, canonical):
-                return neox_to_interleaved(array, heads)
-        return array
+        return undo_neox_fixup(self.model.text, canonical, array)
 
     def tensors(self) -> list[BundleTensor]:
         stored = [entry_tensor(self.names.get(name, ""), entry)

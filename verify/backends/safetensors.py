@@ -20,6 +20,7 @@ from mmconvert.verify.backends import (
     BundleTensor,
     Runner,
     Target,
+    manifest_name_map,
     register,
 )
 from mmconvert.verify.backends.pieces import canonical_view
@@ -120,9 +121,7 @@ class SafetensorsRunner(Runner):
         super().__init__(target, model)
         self.folder = target.bundle
         self.manifest: dict[str, Any] = target.options["manifest"]
-        self.names: dict[str, str] = dict(self.manifest.get("tensors") or {})
-        if not self.names:
-            raise BundleError(f"{self.folder}: mmconvert.json has no 'tensors' name map")
+        self.names = manifest_name_map(self.folder, self.manifest)
         self.entries = safetensors_entries(self.folder)
         config_path = self.folder / "config.json"
         self.config = load_json(config_path, "config") if config_path.is_file() else {}
