@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 READ_BYTES = 8 << 20
+RACY_SECONDS = 2.0
 _lock = threading.Lock()
 
 
@@ -32,6 +34,12 @@ def cache_path() -> Path:
 def _identity(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _settled(path: Path) -> bool:
+    """Only files untouched for a while are remembered: a rewrite within the filesystem's
+    timestamp granularity could otherwise keep size, mtime and inode (git's "racy" files)."""
+    return time.time() - path.stat().st_mtime > RACY_SECONDS
 
 
 def _load_cache() -> dict[str, dict[str, str]]:
@@ -83,7 +91,8 @@ def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
             with _lock:
                 cache = _load_cache()
                 for p in todo:
-                    cache[str(p.resolve())] = {"id": _identity(p), "sha256": result[str(p)]}
+                    if _settled(p):
+                        cache[str(p.resolve())] = {"id": _identity(p), "sha256": result[str(p)]}
                 _save_cache(cache)
     return result
 
