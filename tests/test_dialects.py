@@ -1,24 +1,15 @@
 """Checkpoint dialects that map onto the same canonical model."""
 
-import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.readers.names import strip_wrapper_prefixes
+from tests import dialect_builders as build
 
 ROOTS = ("language_model.", "multimodal_projector.")
-
-
-def _rewrite(src, dst, fn):
-    shutil.copytree(src, dst)
-    state = load_file(str(dst / "model.safetensors"))
-    save_file(fn(state), str(dst / "model.safetensors"))
-    return dst
 
 
 def _assert_same_model(a, b):
@@ -31,7 +22,7 @@ def _assert_same_model(a, b):
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "module._orig_mod.",
                                     "model.module._orig_mod."])
 def test_wrapper_prefixes_are_stripped(example_ckpt, tmp_path, prefix):
-    ckpt = _rewrite(example_ckpt, tmp_path / "c", lambda s: {prefix + k: v for k, v in s.items()})
+    ckpt = build.prefixed(example_ckpt, tmp_path / "c", prefix)
     model = read_checkpoint(ckpt)
     _assert_same_model(model, read_checkpoint(example_ckpt))
     assert any("training-wrapper prefixes" in w for w in model.warnings)
@@ -47,21 +38,7 @@ def test_genuine_model_prefix_is_kept():
 
 @pytest.mark.parametrize("gate_first", [True, False])
 def test_fused_dense_gate_up_is_split(example_ckpt, tmp_path, gate_first):
-    def fuse(state):
-        out = {}
-        for k, v in state.items():
-            if k.endswith("mlp.gate_proj.weight"):
-                up = state[k.replace("gate_proj", "up_proj")]
-                out[k.replace("gate_proj", "gate_up_proj")] = torch.cat([v, up] if gate_first else [up, v])
-            elif not k.endswith("mlp.up_proj.weight"):
-                out[k] = v
-        return out
-
-    ckpt = _rewrite(example_ckpt, tmp_path / "c", fuse)
-    if not gate_first:
-        cfg = json.loads((ckpt / "config.json").read_text())
-        cfg["gate_up_gate_first"] = False
-        (ckpt / "config.json").write_text(json.dumps(cfg))
+    ckpt = build.fused_gate_up(example_ckpt, tmp_path / "c", gate_first)
     model = read_checkpoint(ckpt)
     _assert_same_model(model, read_checkpoint(example_ckpt))
     gate = model.tensors["model.layers.0.mlp.gate_proj.weight"]
@@ -72,30 +49,8 @@ def test_fused_dense_gate_up_is_split(example_ckpt, tmp_path, gate_first):
 @pytest.mark.parametrize("layout", ["old", "new"])
 def test_llava_style_checkpoint(make_checkpoint, tmp_path, layout):
     seed = make_checkpoint(layer_norm=False, modalities={"vision": {"input_dim": 40, "hidden_dim": 72}})
-    ckpt = tmp_path / "llava"
-    shutil.copytree(seed, ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
     ph = read_checkpoint(seed).multimodal_token_id
-    llava_cfg = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-                 "text_config": cfg["text_config"], "projector_hidden_act": "gelu",
-                 "image_token_index": ph, "vision_config": {"model_type": "siglip_vision_model"}}
-    (ckpt / "config.json").write_text(json.dumps(llava_cfg))
-    state = load_file(str(ckpt / "model.safetensors"))
-    lm_prefix, proj_prefix, head, tower = (
-        ("language_model.model.", "multi_modal_projector.", "language_model.lm_head.", "vision_tower.")
-        if layout == "old" else
-        ("model.language_model.", "model.multi_modal_projector.", "lm_head.", "model.vision_tower."))
-    out = {}
-    for k, v in state.items():
-        if k.startswith("language_model.model."):
-            out[lm_prefix + k[len("language_model.model."):]] = v
-        elif k.startswith("language_model.lm_head."):
-            out[head + k[len("language_model.lm_head."):]] = v
-        else:
-            index, part = k.split(".")[-2:]
-            out[f"{proj_prefix}linear_{1 if index == '0' else 2}.{part}"] = v
-    out[tower + "embeddings.patch_embedding.weight"] = torch.zeros(4, 3)
-    save_file(out, str(ckpt / "model.safetensors"))
+    ckpt = build.llava(seed, tmp_path / "llava", ph, layout)
     model = read_checkpoint(ckpt)
     assert model.dialect == "llava"
     assert model.multimodal_token_id == ph

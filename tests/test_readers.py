@@ -8,6 +8,7 @@ import torch
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.verify.reference import ReferenceModel
+from tests import dialect_builders as build
 from tests.independent_reference import SeedModel
 
 VARIANTS = {
@@ -93,23 +94,7 @@ def test_training_state_never_opened(make_checkpoint, monkeypatch):
 
 
 def test_plain_qwen3_with_projector_file(example_ckpt, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(example_ckpt / "model.safetensors"))
-    qwen = tmp_path / "qwen3"
-    qwen.mkdir()
-    cfg = json.loads((example_ckpt / "config.json").read_text())
-    (qwen / "config.json").write_text(json.dumps(cfg["text_config"]))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (qwen / f).write_bytes((example_ckpt / f).read_bytes())
-    save_file({k[len("language_model."):]: v for k, v in state.items() if k.startswith("language_model.")},
-              str(qwen / "model.safetensors"))
-    proj = tmp_path / "projector.safetensors"
-    save_file({k[len("multimodal_projector."):]: v for k, v in state.items()
-               if k.startswith("multimodal_projector.")}, str(proj))
-    (tmp_path / "projector.json").write_text(json.dumps(
-        {k: cfg[k] for k in ("modality_configs", "projector_hidden_act", "use_layer_norm",
-                             "multimodal_token")}))
+    qwen, proj = build.qwen3_with_projector(example_ckpt, tmp_path)
     with pytest.raises(CheckpointError, match="--projector"):
         read_checkpoint(qwen)
     model = read_checkpoint(qwen, ReadOptions(projector=proj))
