@@ -52,6 +52,7 @@ def _load_cache() -> dict[str, dict[str, str]]:
 
 def _save_cache(entries: dict[str, dict[str, str]]) -> None:
     path = cache_path()
+    entries = {k: v for k, v in entries.items() if os.path.exists(k)}  # forget deleted files
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -79,3 +79,20 @@ def test_sha256_following_hashes_regions_as_they_complete(tmp_path):
     finally:
         os.close(fd)
     assert digest == _sha(path.read_bytes())
+
+
+def test_cache_forgets_deleted_files(tmp_path, cache_dir):
+    old = time.time() - 60
+    files = []
+    for name in ("a.bin", "b.bin"):
+        f = tmp_path / name
+        f.write_bytes(name.encode())
+        os.utime(f, (old, old))
+        files.append(f)
+    hashing.sha256_sources(files[:1])
+    files[0].unlink()
+    hashing.sha256_sources(files[1:])
+    import json
+
+    kept = json.loads(hashing.cache_path().read_text())
+    assert list(kept) == [str(files[1].resolve())]
