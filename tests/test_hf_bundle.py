@@ -23,6 +23,7 @@ from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.plan_hf import plan_hf
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox, neox_to_interleaved
+from tests import dialect_builders as build
 from tests.independent_reference import SeedModel
 
 TOL = 1e-5
@@ -52,28 +53,6 @@ class Bundle:
     plain: torch.nn.Module  # from_pretrained(out)
 
 
-def plain_qwen3_with_projector(ckpt: Path, root: Path) -> tuple[Path, Path]:
-    """The seed checkpoint split into a plain Qwen3 folder and a projector file + its JSON."""
-    from safetensors.torch import load_file, save_file
-
-    state = load_file(str(ckpt / "model.safetensors"))
-    cfg = json.loads((ckpt / "config.json").read_text())
-    qwen = root / "qwen3"
-    qwen.mkdir(parents=True)
-    (qwen / "config.json").write_text(json.dumps(cfg["text_config"]))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copyfile(ckpt / f, qwen / f)
-    save_file({k[len("language_model."):]: v for k, v in state.items()
-               if k.startswith("language_model.")}, str(qwen / "model.safetensors"))
-    proj = root / "projector.safetensors"
-    save_file({k[len("multimodal_projector."):]: v for k, v in state.items()
-               if k.startswith("multimodal_projector.")}, str(proj))
-    (root / "projector.json").write_text(json.dumps(
-        {k: cfg[k] for k in ("modality_configs", "projector_hidden_act", "use_layer_norm",
-                             "multimodal_token")}))
-    return qwen, proj
-
-
 def load_both(out: Path, attn: str = "eager") -> tuple[torch.nn.Module, torch.nn.Module]:
     """(remote-code model, plain Qwen3 model) in fp32. Eager attention, as the seed reference
     runs: SDPA's kernel alone moves fp32 logits by ~1e-5 (see the SDPA test below)."""
@@ -101,7 +80,7 @@ def hf_bundle(make_checkpoint, tmp_path_factory):
         out = root / f"{variant.replace('+', '-')}-hf"
         if variant == "qwen3+projector":
             seed_ckpt = make_checkpoint()
-            source, proj = plain_qwen3_with_projector(seed_ckpt, root / "src")
+            source, proj = build.qwen3_with_projector(seed_ckpt, root / "src")
             options = ReadOptions(projector=proj)
         else:
             seed_ckpt = source = make_checkpoint(**VARIANTS[variant])

@@ -140,10 +140,10 @@ def test_verify_passes_every_moe_bundle(moe_bundles, fmt, tmp_path):
 
 def test_plain_qwen3_moe_folder_with_a_projector_file(moe_bundles, tmp_path):
     from mmconvert.convert.readers import ReadOptions
-    from tests.test_hf_bundle import plain_qwen3_with_projector
+    from tests.dialect_builders import qwen3_with_projector
 
     ckpt, _, _, model = moe_bundles["per_expert"]
-    qwen, projector = plain_qwen3_with_projector(ckpt, tmp_path)
+    qwen, projector = qwen3_with_projector(ckpt, tmp_path)
     again = read_checkpoint(qwen, ReadOptions(projector=projector))
     assert again.text.is_moe and again.tensors.names() == model.tensors.names()
     for name in model.tensors:

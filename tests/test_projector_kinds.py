@@ -350,10 +350,10 @@ def test_numpy_projector_runtime_runs_the_new_kinds(kinds, name, tmp_path):
 def test_plain_qwen3_with_a_projector_file_reads_the_new_kinds(kinds, tmp_path):
     """The same projectors saved apart from a plain Qwen3 folder (--projector FILE)."""
     from mmconvert.convert.readers import ReadOptions
-    from tests.test_hf_bundle import plain_qwen3_with_projector
+    from tests.dialect_builders import qwen3_with_projector
 
     k = kinds["A"]
-    qwen, projector = plain_qwen3_with_projector(k["ckpt"], tmp_path)
+    qwen, projector = qwen3_with_projector(k["ckpt"], tmp_path)
     model = read_checkpoint(qwen, ReadOptions(projector=projector))
     assert model.dialect == "qwen3+projector"
     assert {m: p.layers for m, p in model.projectors.items()} == \
