@@ -4,6 +4,7 @@ holds the group, the options every command shares and the one-line error handlin
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +15,26 @@ from mmconvert import __version__
 from mmconvert.convert.errors import MMConvertError
 
 
+def strict_option(fn: Callable) -> Callable:
+    """``--strict`` for the commands that write weights: they run under the NaN/Inf policy of
+    :mod:`mmconvert.formats.nonfinite` (a warning per tensor on stderr as the writers finish,
+    or a refusal with ``--strict``)."""
+
+    @functools.wraps(fn)
+    def under_nonfinite_policy(*args, strict: bool = False, **kwargs):
+        from mmconvert.formats.nonfinite import scanning
+
+        with scanning(strict, lambda line: click.echo(f"warning: {line}", err=True)):
+            return fn(*args, **kwargs)
+
+    return click.option("--strict", is_flag=True,
+                        help="Refuse (exit 2, nothing written) weights holding NaN or Inf, "
+                             "which are otherwise written with a warning per tensor.")(
+        under_nonfinite_policy)
+
+
 def source_options(fn: Callable) -> Callable:
-    """Options that say how to read the checkpoint (shared by every converting command)."""
+    """Options that say how to read the checkpoint (shared by every command that reads one)."""
     fn = click.option("--rope-layout", type=click.Choice(["neox", "interleaved"]), default=None,
                       help="Rope layout the source's Q/K were trained with (default: the "
                            "checkpoint's flag, else neox as in HF Qwen3).")(fn)
@@ -42,16 +61,62 @@ def load_model(ckpt: Path, base=None, projector=None, projector_config=None, rop
     return read_checkpoint(ckpt, read_options(base, projector, projector_config, rope_layout))
 
 
+MAX_ERROR_LINE = 200  # the first line of an error; the rest goes on indented lines below it
+_LEADING_PATH = re.compile(r"^(/[^:\n]*?): ")
+
+
+def format_error(message: str) -> str:
+    """``error: <cause>`` on the first line (at most :data:`MAX_ERROR_LINE` characters), details
+    indented on the lines after it.
+
+    Most messages start with the file they are about; a long absolute path would push the
+    cause off the first line, so it is shortened to the file name and given in full below.
+    A first line still too long is cut at the last clause break that fits.
+    """
+    first, *rest = message.strip().splitlines() or [""]
+    first = first.strip()
+    if len(first) + len("error: ") > MAX_ERROR_LINE and (m := _LEADING_PATH.match(first)):
+        path = m.group(1)
+        first = f"{Path(path).name or path}: {first[m.end():]}"
+        rest.insert(0, f"file: {path}")
+    while len(first) + len("error: ") > MAX_ERROR_LINE:
+        first, tail = _split_clause(first, MAX_ERROR_LINE - len("error: "))
+        rest.insert(0, tail)
+    return "\n".join([f"error: {first}", *(f"  {line}" for line in rest)])
+
+
+def _split_clause(line: str, width: int) -> tuple[str, str]:
+    """``line`` cut before ``width`` at a clause break ("; ", ": ", " (", ", ", " "), else hard."""
+    for sep in ("; ", ". ", ": ", " (", ", ", " "):
+        cut = line.rfind(sep, width // 3, width - 1)
+        if cut > 0:
+            keep = sep.rstrip() if sep.strip() in (";", ".", ":", ",") else ""
+            return line[:cut] + keep, line[cut + len(sep) - (1 if sep == " (" else 0):].strip()
+    return line[:width], line[width:]
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an error the operating system raised: what failed, on which path."""
+    reason = exc.strerror or exc.__class__.__name__
+    where = ", ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{reason}: {where}" if where else f"{reason} ({exc})"
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`MMConvertError` into one line on stderr and its exit code (2)."""
+    """Turn :class:`MMConvertError` (and the OS refusing a write) into one ``error:`` line on
+    stderr and exit code 2; a message's further lines are printed indented below it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MMConvertError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(format_error(str(exc)), err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            # the machine refused (disk full, read-only, busy, permission): not a bug of ours
+            click.echo(format_error(os_error_message(exc)), err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written under the output name", err=True)
             sys.exit(130)

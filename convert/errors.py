@@ -45,3 +45,29 @@ class HubRepoNotFoundError(HubError):
 
 class HubConnectionError(HubError):
     """The Hub endpoint cannot be reached (network down, wrong ``HF_ENDPOINT``, offline mode)."""
+
+
+class ChatTemplateError(MMConvertError):
+    """A chat template (code from the checkpoint or GGUF) failed or hit a render limit:
+    ``chat template: <cause>``, then where the template came from."""
+
+    def __init__(self, cause: str, source: str | None = None):
+        self.cause = cause
+        self.source = source
+        super().__init__(f"chat template: {cause}" + (f"\nin {source}" if source else ""))
+
+
+class UnsafePathError(CheckpointError):
+    """A file the checkpoint names (index entry, symlink) resolves outside its folder."""
+
+
+class TamperedBundleError(BundleError):
+    """A file verify would read differs from what the bundle's ``mmconvert.json`` records."""
+
+
+class UntrustedCodeError(BundleError):
+    """A bundle carries code mmconvert did not write (refused without ``--trust-bundle-code``)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """``--strict``: a weight holds NaN or Inf values (the message lists them per tensor)."""

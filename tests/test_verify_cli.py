@@ -14,6 +14,7 @@ from safetensors import safe_open
 from mmconvert.convert.cli import main
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
+from tests.hostile.harness import reseal_manifest
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def test_failure_exits_1_and_reports_it(example_ckpt, st_bundle, tmp_path):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["text_config"]["rms_norm_eps"] = 1e-5
     (broken / "config.json").write_text(json.dumps(cfg))
+    reseal_manifest(broken)  # as a buggy writer would have: a parity failure, not tampering
     xml = tmp_path / "j.xml"
     md = tmp_path / "m.md"
     result = invoke(example_ckpt, broken, "--device", "cpu", "-q", "--junit", xml,

@@ -23,6 +23,7 @@ from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox
 from mmconvert.verify import llama_lib
+from tests.hostile.harness import reseal_manifest
 
 # ---------------------------------------------------------------------------------------------
 # helpers: rewrite files the way a buggy writer would have written them
@@ -116,6 +117,9 @@ def setup(make_checkpoint, tmp_path_factory):
 
 
 def verify(ckpt: Path, bundle: Path, ref: Path | None, *extra: str) -> tuple[int, str]:
+    # a buggy writer records the bytes it wrote: the planted bug must reach verify's
+    # comparisons, not its tamper check (tests/hostile/test_bundle_trust.py)
+    reseal_manifest(bundle)
     args = ["verify", str(ckpt), str(bundle), "-q", "--device", "cpu", *extra]
     if ref is not None:
         args += ["--reference", str(ref)]

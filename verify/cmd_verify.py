@@ -45,14 +45,19 @@ class UsageError(MMConvertError):
               help="Write a JUnit XML report (for CI).")
 @click.option("--markdown", type=click.Path(path_type=Path, dir_okay=False),
               help="Write a markdown summary (for model cards).")
+@click.option("--trust-bundle-code", is_flag=True,
+              help="Import an HF bundle's Python code even when it is not the "
+                   "modeling_mmqwen3.py this mmconvert writes (edited, other files, auto_map "
+                   "pointing elsewhere). It runs with your permissions: only for bundles you "
+                   "trust. Without it such a bundle is refused (exit 2); with it, a warning.")
 @source_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @user_errors
 def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, cases_opt: str,
                greedy_tokens: int, thresholds: tuple[str, ...], backends: tuple[str, ...],
                save_reference: Path | None, reference: Path | None, report_json: Path | None,
-               junit: Path | None, markdown: Path | None, base, projector, projector_config,
-               rope_layout, quiet: bool) -> None:
+               junit: Path | None, markdown: Path | None, trust_bundle_code: bool, base,
+               projector, projector_config, rope_layout, quiet: bool) -> None:
     """Check that each BUNDLE (a folder written by to-hf, to-safetensors or to-gguf; its kind
     is read from mmconvert.json) computes the same logits as the checkpoint CKPT.
 
@@ -64,6 +69,11 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
     Exit status: 0 every bundle passes, 1 a parity failure, 2 a usage or input error.
 
     \b
+    Before anything is read, each bundle's files must match its mmconvert.json (sizes and
+    sha256; a bundle whose files differ is refused as tampered, not compared), and an HF
+    bundle's remote code must be the one this mmconvert writes (see --trust-bundle-code).
+
+    \b
     Examples:
       mmconvert verify ckpt/ out-gguf/ out-hf/
       mmconvert verify ckpt/ --save-reference ref.safetensors      # on a GPU box
@@ -73,7 +83,7 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
 
     from mmconvert.verify import golden, report
     from mmconvert.verify.cases import default_cases, load_cases_file
-    from mmconvert.verify.harness import run_reference, verify_bundles
+    from mmconvert.verify.harness import discover_all, run_reference, verify_bundles
     from mmconvert.verify.reference import resolve_device
     from mmconvert.verify.thresholds import parse_override
 
@@ -96,6 +106,15 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
         raise UsageError(str(exc)) from exc
     torch_dtype = getattr(torch, dtype)
     model = load_model(ckpt, base, projector, projector_config, rope_layout)
+    # then the bundles: a tampered one is refused before minutes of reference forward passes
+    targets = discover_all(list(bundles), backends, trust_code=trust_bundle_code,
+                           warn=lambda line: click.echo(line, err=True))
+    # the cases next (they render the chat template): every refusal comes before any progress
+    if not reference:
+        if cases_opt == "default":
+            cases = default_cases(model, generate=greedy_tokens)
+        else:
+            cases = load_cases_file(Path(cases_opt), model, greedy_tokens)
     log(f"hashing the checkpoint's source files ({len(golden.source_files(model))})")
     content_hash, files = golden.checkpoint_hash(model)
     if reference:
@@ -104,10 +123,6 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
         log(f"reference: {reference} ({len(ref.cases)} cases, made on {ref.device}, "
             f"{ref.dtype})")
     else:
-        if cases_opt == "default":
-            cases = default_cases(model, generate=greedy_tokens)
-        else:
-            cases = load_cases_file(Path(cases_opt), model, greedy_tokens)
         ref = run_reference(model, cases, device, torch_dtype, log)
         log(f"reference: {len(cases)} cases in {ref.seconds:.2f}s")
     if save_reference:
@@ -115,8 +130,8 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
         log(f"saved reference to {save_reference}")
     if not bundles:
         return
-    result = verify_bundles(model, list(bundles), ref, content_hash, device, torch_dtype,
-                            overrides, backends, log)
+    result = verify_bundles(model, targets, ref, content_hash, device, torch_dtype,
+                            overrides, log)
     click.echo(report.terminal_report(result))
     if report_json:
         report.write_json(result, report_json)

@@ -314,11 +314,18 @@ def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLog
 # everything
 
 
-def verify_bundles(model: CanonicalModel, bundles: list[Path], reference: ReferenceLogits,
+def discover_all(bundles: list[Path], backends: tuple[str, ...], *, trust_code: bool = False,
+                 warn: Log = print) -> list[Target]:
+    """Every target of every bundle; each bundle's files are checked against its manifest
+    first (see :mod:`mmconvert.verify.bundle_trust`), before any of them is read."""
+    return [t for bundle in bundles
+            for t in discover(bundle, backends, trust_code=trust_code, warn=warn)]
+
+
+def verify_bundles(model: CanonicalModel, targets: list[Target], reference: ReferenceLogits,
                    content_hash: str, device: str, dtype: torch.dtype,
-                   overrides: list[Override], backends: tuple[str, ...], log: Log
-                   ) -> VerifyResult:
-    targets = [t for bundle in bundles for t in discover(bundle, backends)]
+                   overrides: list[Override], log: Log) -> VerifyResult:
+    """Verify ``targets`` (from :func:`discover_all`) against the checkpoint's reference."""
     results = [verify_target(t, model, reference, device, dtype, overrides, log)
                for t in targets]
     return VerifyResult(str(model.source), content_hash, reference, results)

@@ -12,9 +12,13 @@ What it reads:
 - ``multimodal_projector.safetensors``: tensors ``multimodal_projector.<modality>.<layer>.<param>``.
 
 Inputs: ``mm_inputs = {"m1": [tensor, ...], "m2": [...]}``; an item is ``[input_dim]`` (one
-row) or ``[n, input_dim]``. Early fusion: the projected rows (modalities in config order, items
-in list order) replace the placeholder tokens one row per placeholder; a prompt without any
-placeholder gets all rows prepended; any other placeholder count is an error.
+row) or ``[n, input_dim]``. The seed model's spellings are aliases: ``multimodal_embeddings=``
+(the same dict; a tensor instead of a list is one item) and
+``multimodal_data={"multimodal_embeddings": ...}``. Early fusion: the projected rows
+(modalities in config order, items in list order) replace the placeholder tokens one row per
+placeholder; a prompt without any placeholder gets all rows prepended; any other placeholder
+count is an error, zero rows included (a prompt with placeholders and no inputs). A keyword
+that looks multimodal but is none of these is an error too: ``**kwargs`` would swallow it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,17 @@ CONFIG_KEY = "multimodal_config"
 PROJECTOR_FORMAT = "mmconvert.multimodal_projector"
 SUPPORTED_VERSIONS = (1, 2)  # 2 adds the glu and tanh_gate layer kinds
 IGNORE_INDEX = -100
+# the keywords that carry multimodal inputs: ours, then the seed model's (an alias each)
+INPUT_KEYWORD = "mm_inputs"
+SEED_KEYWORD = "multimodal_embeddings"
+SEED_DATA_KEYWORD = "multimodal_data"  # {"multimodal_embeddings": {...}}, as vLLM passes it
+ACCEPTED_INPUTS = (f"{INPUT_KEYWORD}={{modality: [item, ...]}}, {SEED_KEYWORD}= (the same "
+                   f"dict), {SEED_DATA_KEYWORD}={{{SEED_KEYWORD!r}: ...}}")
+# keyword shapes that mean "multimodal input" when misspelt (**kwargs would swallow them) ...
+LOOKS_MULTIMODAL_PREFIXES = ("mm_", "multimodal", "multi_modal", "modality", "modalities")
+LOOKS_MULTIMODAL_SUFFIXES = ("_embeddings", "_embedding")
+# ... except the language model's own keywords of those shapes
+LANGUAGE_MODEL_KEYWORDS = ("mm_token_type_ids", "moe_mm_token_type_ids")
 
 
 def make_activation(name: str) -> nn.Module:
@@ -162,6 +177,60 @@ def _items(value: Any) -> list[Any]:
     return [value]
 
 
+def _looks_multimodal(name: str, modalities: Sequence[str]) -> bool:
+    if name in LANGUAGE_MODEL_KEYWORDS:
+        return False
+    return (name == "mm" or name in modalities or name.startswith(LOOKS_MULTIMODAL_PREFIXES)
+            or name.endswith(LOOKS_MULTIMODAL_SUFFIXES))
+
+
+def _from_multimodal_data(data: Any) -> Any:
+    """``multimodal_data={"multimodal_embeddings": {...}}`` (or a list of those, one per row)."""
+    if data is None:
+        return None
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        return [_from_multimodal_data(row) for row in data]
+    if not isinstance(data, Mapping) or set(data) != {SEED_KEYWORD}:
+        keys = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(f"{SEED_DATA_KEYWORD} must be {{{SEED_KEYWORD!r}: {{modality: items}}}}"
+                         f", got {keys}; accepted: {ACCEPTED_INPUTS}")
+    return data[SEED_KEYWORD]
+
+
+def take_multimodal_inputs(mm_inputs: Any, kwargs: dict[str, Any],
+                           modalities: Sequence[str]) -> Any:
+    """The call's multimodal inputs under whichever accepted keyword carried them (the aliases
+    are popped from ``kwargs``). A keyword that looks multimodal but is not accepted, or inputs
+    given under two spellings, is an error: silently ignored, it would give text-only logits."""
+    given = {INPUT_KEYWORD: mm_inputs, SEED_KEYWORD: kwargs.pop(SEED_KEYWORD, None),
+             SEED_DATA_KEYWORD: _from_multimodal_data(kwargs.pop(SEED_DATA_KEYWORD, None))}
+    unknown = sorted(k for k in kwargs if _looks_multimodal(k, modalities))
+    if unknown:
+        raise ValueError(f"unknown multimodal keyword {unknown[0]!r}; accepted: {ACCEPTED_INPUTS}")
+    present = [k for k, v in given.items() if v is not None]
+    if len(present) > 1:
+        raise ValueError(f"give the multimodal inputs once, got {' and '.join(present)}; "
+                         f"accepted: {ACCEPTED_INPUTS}")
+    return given[present[0]] if present else None
+
+
+def placeholder_mismatch(count: int, n_rows: int) -> ValueError:
+    if n_rows == 0:
+        return ValueError(f"the prompt has {count} placeholder tokens for 0 projected rows: pass "
+                          f"the items ({ACCEPTED_INPUTS}), one placeholder per row, or remove "
+                          "the placeholders")
+    return ValueError(f"the prompt has {count} placeholder tokens for {n_rows} projected rows: "
+                      "use one placeholder per row, or none to prepend")
+
+
+def _is_prompt_step(past_key_values: Any) -> bool:
+    """Whether a forward call starts from an empty cache (a prompt, not generated tokens)."""
+    if past_key_values is None:
+        return True
+    length = getattr(past_key_values, "get_seq_length", None)
+    return callable(length) and length() == 0
+
+
 class MultimodalMixin:
     """Adds ``multimodal_projector`` to a transformers causal LM; ``forward`` and ``generate``
     take ``mm_inputs`` (a dict for one prompt, or a list of dicts, one per row of the batch).
@@ -269,20 +338,21 @@ class MultimodalMixin:
         embed = self.get_input_embeddings()
         projected = self._project_prompt(mm_inputs)
         text = embed(ids)
-        if projected is None:
-            return text, ids, 0
-        projected = projected.to(dtype=text.dtype, device=text.device)
-        n_rows = projected.shape[0]
         ph = self.placeholder_token_id
         is_ph = ids == ph if ph is not None else torch.zeros_like(ids, dtype=torch.bool)
         count = int(is_ph.sum())
+        if projected is None:
+            if count:
+                raise placeholder_mismatch(count, 0)
+            return text, ids, 0
+        projected = projected.to(dtype=text.dtype, device=text.device)
+        n_rows = projected.shape[0]
         if count == 0:
             nominal = torch.full((n_rows,), ph if ph is not None else 0, dtype=ids.dtype,
                                  device=ids.device)
             return torch.cat([projected, text]), torch.cat([nominal, ids]), n_rows
         if count != n_rows:
-            raise ValueError(f"the prompt has {count} placeholder tokens for {n_rows} projected "
-                             "rows: use one placeholder per row, or none to prepend")
+            raise placeholder_mismatch(count, n_rows)
         return text.masked_scatter(is_ph.unsqueeze(-1), projected), ids, 0
 
     def fuse(self, input_ids: torch.Tensor, mm_inputs: Any, attention_mask: torch.Tensor | None = None,
@@ -333,11 +403,22 @@ class MultimodalMixin:
 
     # --- the language-model entry points ------------------------------------------------
 
+    def check_no_placeholders(self, input_ids: torch.Tensor | None) -> None:
+        """A prompt without multimodal inputs must not hold placeholders: the model would read
+        the placeholder token's own embedding where the rows were meant to be."""
+        ph = self.placeholder_token_id
+        if input_ids is None or ph is None:
+            return
+        count = int((torch.as_tensor(input_ids) == ph).sum(-1).max())
+        if count:
+            raise placeholder_mismatch(count, 0)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep=0, *, mm_inputs=None, **kwargs):
-        """``Qwen3ForCausalLM.forward`` plus ``mm_inputs``; logits cover the fused sequence
-        (prepended rows included)."""
+        """``Qwen3ForCausalLM.forward`` plus ``mm_inputs`` (or its aliases, see the module
+        docstring); logits cover the fused sequence (prepended rows included)."""
+        mm_inputs = take_multimodal_inputs(mm_inputs, kwargs, list(self.multimodal_projector))
         if _has_items(mm_inputs):
             if inputs_embeds is not None:
                 raise ValueError("pass input_ids with mm_inputs, not inputs_embeds")
@@ -347,22 +428,39 @@ class MultimodalMixin:
                 raise ValueError("position_ids do not cover the prepended multimodal rows; "
                                  "leave them out or use placeholders")
             input_ids = None
+        elif not self._generating and _is_prompt_step(past_key_values):
+            self.check_no_placeholders(input_ids)  # generated tokens may be the placeholder
         return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, past_key_values=past_key_values,
                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
 
+    _generating = False  # inside our generate(): the prompt was checked (and fused) already
+
     def generate(self, inputs=None, *args, mm_inputs=None, **kwargs):
-        """``generate`` plus ``mm_inputs``. The returned sequences start with the fused prompt
-        ids (prepended rows appear as placeholder ids), then the new tokens."""
+        """``generate`` plus ``mm_inputs`` (or its aliases). The returned sequences start with
+        the fused prompt ids (prepended rows appear as placeholder ids), then the new tokens."""
+        mm_inputs = take_multimodal_inputs(mm_inputs, kwargs, list(self.multimodal_projector))
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if not _has_items(mm_inputs):
-            return super().generate(input_ids, *args, **kwargs)
+            self.check_no_placeholders(input_ids)
+            return self._generate(input_ids, *args, **kwargs)
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            raise ValueError("generate with multimodal inputs needs use_cache=True: the "
+                             "projected rows are only in the first step's inputs_embeds")
         with torch.no_grad():
             embeds, ids, mask, _ = self.fuse(input_ids, mm_inputs, kwargs.pop("attention_mask", None))
         if mask is None:
             mask = torch.ones_like(ids)
-        return super().generate(ids, *args, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return self._generate(ids, *args, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+    def _generate(self, *args, **kwargs):
+        self._generating = True
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generating = False
 
 
 class MultimodalQwen3ForCausalLM(MultimodalMixin, Qwen3ForCausalLM):

@@ -20,6 +20,7 @@ import torch
 from mmconvert.convert.errors import BundleError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.formats.bundle import read_manifest
+from mmconvert.verify.bundle_trust import check_bundle
 from mmconvert.verify.cases import Case
 
 
@@ -117,21 +118,31 @@ def backend_names() -> list[str]:
     return [name for entries in REGISTRY.values() for name, _, _ in entries]
 
 
-def discover(bundle: Path, backends: tuple[str, ...] = ()) -> list[Target]:
-    """The targets of a bundle folder, for the chosen backends (all of its kind by default)."""
+def discover(bundle: Path, backends: tuple[str, ...] = (), *, trust_code: bool = False,
+             warn: Callable[[str], None] = print) -> list[Target]:
+    """The targets of a bundle folder, for the chosen backends (all of its kind by default).
+
+    Nothing of the bundle is read before :func:`mmconvert.verify.bundle_trust.check_bundle`
+    accepted it: its files match ``mmconvert.json`` and, for an HF bundle, its code is
+    mmconvert's own (``trust_code``: import it anyway, with a warning through ``warn``).
+    """
     if not REGISTRY:
         _load_builtin()
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle folder")
-    manifest = read_manifest(bundle)
+    try:
+        manifest = read_manifest(bundle)
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep to decode
+        raise BundleError(f"{bundle}/mmconvert.json is not valid JSON ({exc})") from None
     if manifest is None:
         raise BundleError(f"{bundle}: no mmconvert.json; verify checks bundles written by "
                           "mmconvert to-hf, to-safetensors or to-gguf")
-    kind = manifest.get("kind")
+    kind = manifest.get("kind") if isinstance(manifest, dict) else None
     if kind not in REGISTRY:
-        raise BundleError(f"{bundle}: mmconvert.json says kind {kind!r}; expected one of "
-                          f"{', '.join(REGISTRY)}")
+        raise BundleError(f"{bundle}: mmconvert.json says kind {str(kind)[:40]!r}; expected one "
+                          f"of {', '.join(REGISTRY)}")
+    check_bundle(bundle, kind, manifest, trust_code=trust_code, warn=warn)
     targets = []
     for name, make_targets, _ in REGISTRY[kind]:
         if backends and name not in backends:

@@ -1,8 +1,9 @@
 """The Hugging Face bundle through transformers: ``AutoModelForCausalLM.from_pretrained(folder,
 trust_remote_code=True)`` runs the bundle's own remote code, which takes ``mm_inputs`` and
-fuses the projected rows itself. Its tensors are compared with the source through the
-manifest's name map; its facts come from ``config.json`` (``multimodal_config``) and
-``generation_config.json``."""
+fuses the projected rows itself (only once :mod:`mmconvert.verify.bundle_trust` found that
+code to be mmconvert's own, or the user passed ``--trust-bundle-code``). Its tensors are
+compared with the source through the manifest's name map; its facts come from
+``config.json`` (``multimodal_config``) and ``generation_config.json``."""
 
 from __future__ import annotations
 
