@@ -3,7 +3,6 @@ file, the chat template and the prompt's placeholders."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,28 +124,20 @@ def expand_placeholders(text: str, token: str, rows_per_item: Sequence[int]) -> 
 
 
 def render_chat(template: str | None, prompt: str, system: str | None = None,
-                special: Mapping[str, str] | None = None) -> str:
-    """The chat template (jinja2, sandboxed as transformers runs it) applied to one user turn
-    (after a system turn when given), with the assistant's turn opened."""
+                special: Mapping[str, str] | None = None,
+                source: str = "the text GGUF's tokenizer.chat_template") -> str:
+    """The chat template (bounded and sandboxed: formats/chat_template.py) applied to one user
+    turn (after a system turn when given), with the assistant's turn opened."""
     if not template:
         raise RunInputError("--chat: the text GGUF has no tokenizer.chat_template")
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from mmconvert.convert.errors import ChatTemplateError
+    from mmconvert.formats.chat_template import render
 
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
-    # transformers' tojson: no HTML escaping (jinja2's own would turn < into \u003c)
-    env.filters["tojson"] = lambda v, indent=None, **_: json.dumps(v, ensure_ascii=False,
-                                                                     indent=indent)
-    env.globals["raise_exception"] = raise_exception
     messages = ([{"role": "system", "content": system}] if system else []) + \
         [{"role": "user", "content": prompt}]
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                **(special or {}))
-    except TemplateError as exc:
-        raise RunInputError(f"--chat: the chat template failed: {exc}") from exc
+        return render(template, source, messages=messages, add_generation_prompt=True,
+                      **(special or {}))
+    except ChatTemplateError as exc:
+        raise RunInputError(f"--chat: the chat template failed: {exc.cause}\nin {source}") \
+            from exc

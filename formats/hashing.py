@@ -1,9 +1,18 @@
 """sha256 for manifests without paying for it twice.
 
-- Source files: hashed once and remembered in a small cache keyed by the file's identity
-  (path, size, mtime, inode), so converting one checkpoint to GGUF, HF and safetensors and
-  verifying it hashes its gigabytes once. ``MMCONVERT_CACHE_DIR`` moves the cache;
-  ``MMCONVERT_NO_HASH_CACHE=1`` turns it off.
+- Source files: hashed once and remembered in a small cache keyed by the file's identity,
+  so converting one checkpoint to GGUF, HF and safetensors and verifying it hashes its
+  gigabytes once. ``MMCONVERT_CACHE_DIR`` moves the cache; ``MMCONVERT_NO_HASH_CACHE=1``
+  turns it off.
+
+  What the cache trusts: the identity is the resolved path, size, mtime, ctime, inode and
+  device, plus the sha256 of the first and last MiB (two 1 MiB reads). A rewrite in place
+  moves ctime, which no user-level call (``os.utime``, ``touch -r``, ``cp -p``) can set back,
+  and an edit near either end changes the edge hashes whatever stat says. What it cannot see:
+  a change strictly between the first and last MiB of a file over 2 MiB made with ctime
+  faked or frozen (root changing the clock, a filesystem without ctime). Only files untouched
+  for ``RACY_SECONDS`` are remembered, and only when their identity did not change while they
+  were being hashed.
 - Output files: hashed while they are written. Writers submit tensor jobs in file order and
   :func:`sha256_following` reads each region back (from the page cache) as soon as the job that
   fills it is done, so hashing overlaps the conversion instead of re-reading everything at the end.
@@ -21,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 READ_BYTES = 8 << 20
+EDGE_BYTES = 1 << 20  # hashed at each end of a file as part of its cache identity
 RACY_SECONDS = 2.0
 _lock = threading.Lock()
 
@@ -31,9 +41,25 @@ def cache_path() -> Path:
     return Path(root) / "sha256-cache.json"
 
 
-def _identity(path: Path) -> str:
+def _stat_key(path: Path) -> str:
     st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def _edges_sha256(path: Path) -> str:
+    """sha256 of the first and last EDGE_BYTES (the whole file when it is smaller)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        h.update(f.read(EDGE_BYTES))
+        size = os.fstat(f.fileno()).st_size
+        if size > EDGE_BYTES:
+            h.update(os.pread(f.fileno(), EDGE_BYTES, max(EDGE_BYTES, size - EDGE_BYTES)))
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> str:
+    """The cache key of one version of a file (see the module docstring)."""
+    return f"{_stat_key(path)}:{_edges_sha256(path)}"
 
 
 def _settled(path: Path) -> bool:
@@ -77,13 +103,14 @@ def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
     with _lock:
         cache = _load_cache() if use_cache else {}
     result: dict[str, str] = {}
-    todo: list[Path] = []
+    todo: dict[Path, str | None] = {}  # path -> its identity before hashing (None: no cache)
     for p in paths:
+        identity = _identity(p) if use_cache else None
         entry = cache.get(str(p.resolve()))
-        if entry and entry.get("id") == _identity(p):
+        if entry and identity is not None and entry.get("id") == identity:
             result[str(p)] = entry["sha256"]
         else:
-            todo.append(p)
+            todo[p] = identity
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             for p, digest in zip(todo, pool.map(sha256_file, todo)):
@@ -91,9 +118,10 @@ def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
         if use_cache:
             with _lock:
                 cache = _load_cache()
-                for p in todo:
-                    if _settled(p):
-                        cache[str(p.resolve())] = {"id": _identity(p), "sha256": result[str(p)]}
+                for p, identity in todo.items():
+                    # a file that changed while it was read keeps no entry
+                    if _settled(p) and _identity(p) == identity:
+                        cache[str(p.resolve())] = {"id": identity, "sha256": result[str(p)]}
                 _save_cache(cache)
     return result
 

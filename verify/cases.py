@@ -93,27 +93,19 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def render_chat(template: str, messages: list[dict[str, Any]], model: CanonicalModel,
                 add_generation_prompt: bool = True) -> str:
-    """Render a chat template the way transformers does (sandboxed jinja2, trimmed blocks)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """Render a chat template the way transformers does (sandboxed jinja2, trimmed blocks),
+    bounded in time and size (formats/chat_template.py); any failure is a ChatTemplateError."""
+    from mmconvert.formats.chat_template import render, template_file
 
-    def raise_exception(message: str):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
     cfg = model.tokenizer.tokenizer_config
 
     def token(kind: str) -> str:
         value = cfg.get(f"{kind}_token")
         return (value.get("content") if isinstance(value, dict) else value) or ""
 
-    return env.from_string(template).render(messages=messages,
-                                            add_generation_prompt=add_generation_prompt,
-                                            bos_token=token("bos"), eos_token=token("eos"))
+    return render(template, str(template_file(model.tokenizer.directory)), messages=messages,
+                  add_generation_prompt=add_generation_prompt, bos_token=token("bos"),
+                  eos_token=token("eos"))
 
 
 # -------------------------------------------------------------------------------------------
