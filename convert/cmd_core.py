@@ -7,23 +7,25 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cli import load_model, source_options, strict_option, user_errors
 from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
 
 @click.command("example")
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it holds an earlier mmconvert output (nothing else).")
 @user_errors
 def example_cmd(out: Path, force: bool) -> None:
     """Write a tiny deterministic multimodal Qwen3 checkpoint (two modalities, real BPE
     tokenizer with the multimodal token) into OUT, to try every command without a download."""
     from mmconvert.convert.example import write_example
-    from mmconvert.formats.bundle import BundleDir
+    from mmconvert.formats.bundle import BundleDir, write_marker_manifest
 
     with BundleDir(out, force) as tmp:
         write_example(tmp)
+        write_marker_manifest(tmp, kind="example")  # ours: --force may replace it later
     click.echo(f"wrote example checkpoint to {out}")
 
 
@@ -104,7 +106,9 @@ def inspect_cmd(ckpt: Path, base, projector, projector_config, rope_layout, as_j
                    "hf: the HF bundle's names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size limit.")
 @source_options
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+@strict_option
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it holds an earlier mmconvert bundle (nothing else).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @push_options
 @user_errors
@@ -115,6 +119,7 @@ def to_safetensors_cmd(ckpt: Path, out, dtype, naming, max_shard_size, base, pro
     written once."""
     from mmconvert.convert.export_safetensors import export_safetensors
     from mmconvert.convert.plan_safetensors import plan_safetensors
+    from mmconvert.formats.bundle import named_inputs
     from mmconvert.formats.safetensors_writer import parse_size
 
     try:
@@ -125,9 +130,12 @@ def to_safetensors_cmd(ckpt: Path, out, dtype, naming, max_shard_size, base, pro
     if dry_run:
         click.echo(plan_safetensors(model, naming, dtype).describe())
         return
-    out = out or ckpt.parent / f"{ckpt.name.rstrip('/')}-safetensors"
+    if out is None:  # beside the checkpoint, also when CKPT is spelt `.`
+        source = ckpt.resolve()
+        out = source.parent / f"{source.name}-safetensors"
     files = export_safetensors(model, out, naming=naming, dtype=dtype, max_shard_bytes=shard_bytes,
-                               force=force)
+                               force=force,
+                               inputs=named_inputs(ckpt, base, projector, projector_config))
     click.echo(f"wrote {len(files)} files to {out}")
     push_after_export(out, push)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cli import load_model, source_options, strict_option, user_errors
 from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
@@ -41,10 +41,12 @@ OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
               help="Fold projector linear layers that follow each other with nothing in "
                    "between (a low-rank down/up pair) into one matrix, computed in float64.")
 @source_options
+@strict_option
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
               help="Record the sha256 of every source and output file in mmconvert.json "
                    "(outputs are hashed while written, sources once per file version).")
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it holds an earlier mmconvert bundle (nothing else).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and files and write nothing.")
 @push_options
 @user_errors
@@ -60,6 +62,7 @@ def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, na
       mmconvert to-gguf ckpt/ --outtype f16 --outtype q8_0
     """
     from mmconvert.convert.export_gguf import export_gguf, prepare_gguf
+    from mmconvert.formats.bundle import named_inputs
     from mmconvert.formats.safetensors_writer import parse_size
 
     split_bytes = None
@@ -76,9 +79,12 @@ def to_gguf_cmd(ckpt: Path, out, outtypes, projector_outtype, split_max_size, na
     if dry_run:
         click.echo(prepare_gguf(model, **options).describe())
         return
-    out = out or ckpt.parent / f"{ckpt.resolve().name}-gguf"
+    if out is None:  # beside the checkpoint, also when CKPT is spelt `.`
+        source = ckpt.resolve()
+        out = source.parent / f"{source.name}-gguf"
     files = export_gguf(model, out, force=force, checksums=checksums,
-                        log=lambda m: click.echo(m, err=True), **options)
+                        log=lambda m: click.echo(m, err=True),
+                        inputs=named_inputs(ckpt, base, projector, projector_config), **options)
     click.echo(f"wrote {len(files)} files to {out}: {', '.join(files)}")
     push_after_export(out, push)
 

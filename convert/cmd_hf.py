@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, user_errors
+from mmconvert.convert.cli import load_model, source_options, strict_option, user_errors
 from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
 from mmconvert.convert.errors import OutputError
 
@@ -25,7 +25,9 @@ from mmconvert.convert.errors import OutputError
               help="Fold projector linear layers that follow each other with nothing in "
                    "between (a low-rank down/up pair) into one matrix, computed in float64.")
 @source_options
-@click.option("--force", is_flag=True, help="Replace OUT if it is not empty.")
+@strict_option
+@click.option("--force", is_flag=True,
+              help="Replace OUT if it holds an earlier mmconvert bundle (nothing else).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @push_options
 @user_errors
@@ -45,6 +47,7 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fol
     """
     from mmconvert.convert.export_hf import export_hf
     from mmconvert.convert.plan_hf import plan_hf
+    from mmconvert.formats.bundle import named_inputs
     from mmconvert.formats.safetensors_writer import parse_size
 
     try:
@@ -63,7 +66,8 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fol
         source = ckpt.resolve()
         out = source.parent / f"{source.name}-hf"
     files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
-                      fold_linear=fold_linear)
+                      fold_linear=fold_linear,
+                      inputs=named_inputs(ckpt, base, projector, projector_config))
     click.echo(f"wrote {len(files)} files to {out}")
     push_after_export(out, push)
 

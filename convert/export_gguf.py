@@ -14,7 +14,7 @@ and ``mmproj-<Name>-<QUANT>.gguf``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,13 @@ from mmconvert.convert.plan_gguf import (
     text_sources,
 )
 from mmconvert.convert.plan_mmproj import mmproj_metadata, plan_mmproj
-from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.bundle import (
+    BundleDir,
+    Input,
+    manifest_sources,
+    model_inputs,
+    write_manifest,
+)
 from mmconvert.formats.gguf_vocab import build_vocab
 from mmconvert.formats.gguf_writer import GGUFFile, Metadata, layout_gguf, write_gguf
 from mmconvert.formats.hashing import SourceHashes
@@ -125,8 +131,12 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
                 projector_outtype: str = "f16", name: str | None = None,
                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
                 force: bool = False, progress: bool | None = None, log: Log | None = None,
-                checksums: bool = True, fold_linear: bool = False) -> list[str]:
+                checksums: bool = True, fold_linear: bool = False,
+                inputs: Iterable[Input] = ()) -> list[str]:
     """Write the GGUF bundle into ``out``; return the file names written.
+
+    ``inputs``: what the user named besides the model (:func:`formats.bundle.named_inputs`);
+    OUT may not overlap them nor any file the reader opened.
 
     ``checksums``: record the sha256 of every source and output file in the manifest. Outputs
     are hashed while they are written and sources in the background (and remembered in the
@@ -135,12 +145,12 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
                        split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer,
                        fold_linear=fold_linear)
-    for note in job.notes:
-        if log is not None:
-            log(note)
     sources = SourceHashes(manifest_sources(model)) if checksums else None
     digests: dict[str, str] | None = {} if checksums else None
-    with BundleDir(out, force) as tmp:
+    with BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
+        for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
+            if log is not None:
+                log(note)
         names = write_gguf(tmp, job.files, progress=progress, digests=digests)
         transforms: list[str] = []
         for plan in job.plans:

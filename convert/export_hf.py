@@ -9,11 +9,18 @@ sees no unexpected keys; ``multimodal_projector.safetensors``; ``config.json`` (
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_hf import PROJECTOR_FILE, PROJECTOR_STEM, hf_config_dtype, plan_hf
-from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.bundle import (
+    BundleDir,
+    Input,
+    manifest_sources,
+    model_inputs,
+    write_manifest,
+)
 from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.hf_folder import write_hf_files
 from mmconvert.formats.safetensors_writer import write_safetensors
@@ -23,13 +30,15 @@ PROJECTOR_PREFIX = "multimodal_projector."
 
 def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
               max_shard_bytes: int = 5 * 10**9, force: bool = False,
-              progress: bool | None = None, fold_linear: bool = False) -> list[str]:
-    """Write the HF bundle to ``out`` (atomically); return the files written."""
+              progress: bool | None = None, fold_linear: bool = False,
+              inputs: Iterable[Input] = ()) -> list[str]:
+    """Write the HF bundle to ``out`` (atomically); return the files written. ``inputs``: what
+    the user named besides the model, which OUT may not overlap (see :class:`BundleDir`)."""
     out = Path(out)
     lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
     sources = SourceHashes(manifest_sources(model))  # overlaps the writing
     digests: dict[str, str] = {}
-    with BundleDir(out, force) as tmp:
+    with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
         files = write_safetensors(tmp, lm_plan.tensors, max_shard_bytes=max_shard_bytes,
                                   progress=progress, digests=digests)
         # the projector is small: always one file, whatever the shard limit

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_safetensors import plan_safetensors
-from mmconvert.formats.bundle import BundleDir, manifest_sources, write_manifest
+from mmconvert.formats.bundle import (
+    BundleDir,
+    Input,
+    manifest_sources,
+    model_inputs,
+    write_manifest,
+)
 from mmconvert.formats.hashing import SourceHashes
+from mmconvert.formats.safe_paths import copy_inside
 from mmconvert.formats.safetensors_writer import write_safetensors
 
 
 def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "source",
                        dtype: str = "auto", max_shard_bytes: int = 5 * 10**9,
-                       force: bool = False, progress: bool | None = None) -> list[str]:
-    """Write the safetensors bundle to ``out``; return the files written."""
+                       force: bool = False, progress: bool | None = None,
+                       inputs: Iterable[Input] = ()) -> list[str]:
+    """Write the safetensors bundle to ``out``; return the files written. ``inputs``: what the
+    user named besides the model, which OUT may not overlap (see :class:`BundleDir`)."""
     plan = plan_safetensors(model, naming, dtype)
     sources = SourceHashes(manifest_sources(model))  # overlaps the writing
     digests: dict[str, str] = {}
-    with BundleDir(out, force) as tmp:
+    with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
         files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
                                   progress=progress, digests=digests)
         files += copy_side_files(model, tmp, with_config=naming == "source")
@@ -43,8 +52,8 @@ def copy_side_files(model: CanonicalModel, folder: Path, with_config: bool) -> l
         sources.append((Path(gen), "generation_config.json"))
     if with_config and (model.source / "config.json").is_file():
         sources.append((model.source / "config.json", "config.json"))
-    for src, name in sources:
-        shutil.copyfile(src, folder / name)
+    for src, name in sources:  # contents, never a link, and only from inside src's folder
+        copy_inside(src.parent, src.name, folder / name)
         copied.append(name)
     return copied
 

@@ -1,25 +1,46 @@
-"""Writing a bundle folder atomically, and its ``mmconvert.json`` manifest.
+"""Writing a bundle folder atomically and safely, and its ``mmconvert.json`` manifest.
 
-Everything is written into a hidden sibling folder and renamed into place at the end, so an
-error or Ctrl-C leaves nothing under the final name. A non-empty output folder is refused
-unless ``force`` is set.
+What :class:`BundleDir` guarantees (docs/architecture.md, "Output folders"):
+
+- OUT is never an input: an OUT that is, contains or lies inside the checkpoint, ``--base``,
+  ``--projector``, ``--projector-config``, an adapter's base or any source file read is
+  refused, comparing real paths (relative spellings, ``..`` and symlinks all resolve). So is
+  the current folder (renaming it away is EBUSY, and would strand the user's shell).
+- ``force`` replaces only what mmconvert wrote: a folder whose ``mmconvert.json`` says
+  ``"tool": "mmconvert"`` and lists every file in it, unchanged (size, and sha256 for small
+  files). Anything else in OUT is a refusal naming the files; a replacement is reported.
+- One run per OUT (:mod:`mmconvert.formats.bundle_lock`); stale ``.OUT.partial-PID`` /
+  ``.OUT.old-PID`` folders of runs that no longer hold the lock are removed on start.
+- Everything is written into ``.OUT.partial-PID`` and renamed into place at the end, so an
+  error, Ctrl-C or a full disk leaves nothing under OUT or beside it. OUT is checked again just
+  before the rename: if it changed during the run it is left alone, and the finished output is
+  kept beside it as ``OUT.new-PID`` (nothing of the user's nor of the run's is lost).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mmconvert import __version__
 from mmconvert.convert.errors import OutputError
+from mmconvert.formats.bundle_lock import BundleLock
 from mmconvert.formats.hashing import sha256_file, sha256_sources
 
 MANIFEST = "mmconvert.json"
+HASH_CHECKED_BYTES = 1 << 20  # files up to this size must match their recorded sha256 too
+NAMED_FILES = 3  # foreign files named in a refusal
+
+Input = tuple[str, Path]  # (what it is, e.g. "checkpoint", its path as given)
+Listing = dict[str, tuple]  # relative path -> (kind, size, mtime_ns, inode)
 
 
 def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
@@ -29,35 +50,270 @@ def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
         return dict(zip((str(p) for p in paths), pool.map(sha256_file, paths)))
 
 
-class BundleDir:
-    """``with BundleDir(out, force) as tmp:`` write files under ``tmp``; renamed to ``out`` on success."""
+def named_inputs(checkpoint: Path | None = None, base: Path | None = None,
+                 projector: Path | None = None,
+                 projector_config: Path | None = None) -> list[Input]:
+    """The inputs a user named on the command line, labelled for error messages."""
+    named = [("checkpoint", checkpoint), ("--base folder", base), ("--projector", projector),
+             ("--projector-config", projector_config)]
+    return [(role, Path(p)) for role, p in named if p is not None]
 
-    def __init__(self, out: Path, force: bool = False):
-        self.out = Path(out)
+
+def model_inputs(model) -> list[Input]:
+    """Every folder and file the reader of ``model`` (a :class:`CanonicalModel`) opened."""
+    found: list[Input] = [("source folder", Path(model.source))]
+    tok_dir = Path(model.tokenizer.directory)
+    if os.path.realpath(tok_dir) != os.path.realpath(model.source):
+        found.append(("base folder", tok_dir))
+    found += [("source file", Path(p)) for p in model.source_files]
+    found += [(f"{role.replace('_', ' ')} file", Path(p))
+              for role, p in model.source_files_from.items()]
+    return found
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_not_an_input(out: Path, shown: Path, inputs: Iterable[Input]) -> None:
+    """Refuse a real OUT path that is, contains or lies inside an input (or the current folder)."""
+    for role, given in inputs:
+        real = Path(os.path.realpath(given))
+        relation = ("is" if real == out else "contains" if _inside(real, out)
+                    else "lies inside" if _inside(out, real) else None)
+        if relation:
+            raise OutputError(f"{shown}: {relation} the {role}; choose an output folder outside "
+                              f"every input\n{role}: {given}")
+    if _inside(Path(os.path.realpath(os.getcwd())), out):
+        raise OutputError(f"{shown}: is the current folder or holds it; name the output from "
+                          f"outside it (e.g. cd .. and -o {out.name})")
+
+
+def listing(folder: Path) -> Listing:
+    """What ``folder`` holds, without following links ({} when it does not exist)."""
+    found: Listing = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            kind = "link" if os.path.islink(path) else "dir" if name in dirs else "file"
+            found[os.path.relpath(path, folder)] = (kind, st.st_size, st.st_mtime_ns, st.st_ino)
+    return found
+
+
+def _our_manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s manifest if it is one mmconvert wrote (else None: the folder is not ours)."""
+    path = folder / MANIFEST
+    if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("tool") != "mmconvert" or \
+            not isinstance(manifest.get("outputs"), list):
+        return None
+    return manifest
+
+
+def foreign_files(folder: Path, held: Listing, manifest: dict[str, Any] | None) -> list[str]:
+    """Entries of ``folder`` that mmconvert did not write there, or that changed since."""
+    listed = {o["path"]: o for o in (manifest or {}).get("outputs", [])
+              if isinstance(o, dict) and isinstance(o.get("path"), str)}
+    listed_dirs = {str(parent) for p in listed for parent in Path(p).parents}
+    foreign = []
+    for rel, (kind, size, _, _) in sorted(held.items()):
+        entry = listed.get(rel)
+        if manifest is not None and (rel == MANIFEST or kind == "dir" and rel in listed_dirs):
+            continue
+        if kind == "file" and entry is not None and entry.get("bytes") == size and (
+                size > HASH_CHECKED_BYTES or entry.get("sha256") is None
+                or sha256_file(folder / rel) == entry["sha256"]):
+            continue
+        foreign.append(rel)
+    return foreign
+
+
+def _names(rels: list[str]) -> str:
+    shown = ", ".join(r if len(r) <= 60 else r[:57] + "..." for r in rels[:NAMED_FILES])
+    return shown + (f" and {len(rels) - NAMED_FILES} more" if len(rels) > NAMED_FILES else "")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BundleDir:
+    """``with BundleDir(out, force, inputs) as tmp:`` write under ``tmp``; renamed to ``out`` at
+    the end (see the module docstring for what is checked and guaranteed).
+
+    ``inputs``: (role, path) of everything the run reads (:func:`named_inputs`,
+    :func:`model_inputs`); ``log`` gets the one-line notes (stderr by default).
+    """
+
+    def __init__(self, out: Path, force: bool = False, inputs: Iterable[Input] = (),
+                 log: Callable[[str], None] | None = None):
+        self.out = Path(os.path.realpath(out))  # work where the bytes go: links, .. resolved
+        self.shown = Path(out) if Path(out).name not in ("", "..") else self.out  # messages
         self.force = force
+        self.inputs = list(inputs)
+        self.log = log or _say
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self._lock = BundleLock(self.out, self.shown)
+        self._before: Listing = {}  # what OUT held when the run started
+        self._replacing = ""  # "mmconvert <kind> bundle" when force replaces an earlier one
 
     def __enter__(self) -> Path:
+        check_not_an_input(self.out, self.shown, self.inputs)
         if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"{self.out}: exists and is not a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and not self.force:
-            raise OutputError(f"{self.out}: folder is not empty; pass --force to replace it")
+            raise OutputError(f"{self.shown}: exists and is not a folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        self._lock.acquire()
+        try:
+            self._restore_moved_aside()
+            self._check_out()
+            self._remove_stale()
+            self.tmp.mkdir()
+        except BaseException:
+            self._lock.release()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._lock.release()
+        refused = _write_refusal(exc) if exc is not None else None
+        if refused is not None:
+            raise OutputError(f"{self.shown}: {refused} while writing; nothing was "
+                              "kept") from exc
+
+    def _stale(self) -> list[tuple[str, int, Path]]:
+        """(``partial`` | ``old``, pid, path) of earlier runs' folders for this OUT. We hold the
+        lock, so none of them is being written: their runs died or never locked (PID reuse
+        does not matter)."""
+        pattern = re.compile(rf"\.{re.escape(self.out.name)}\.(partial|old)-(\d+)")
+        with os.scandir(self.out.parent) as entries:
+            found = [(m[1], int(m[2]), Path(e.path)) for e in entries
+                     if (m := pattern.fullmatch(e.name)) and int(m[2]) != os.getpid()
+                     and e.is_dir(follow_symlinks=False)]
+        return found
+
+    def _restore_moved_aside(self) -> None:
+        """A run killed between moving the earlier bundle aside and renaming the new one in left
+        OUT missing: put the earlier bundle back before anything else."""
+        for kind, _, path in self._stale():
+            if kind == "old" and not os.path.lexists(self.out):
+                os.rename(path, self.out)
+                self.log(f"restored {self.shown} from {path.name}, moved aside by an "
+                         "interrupted run")
+
+    def _check_out(self) -> None:
+        if not self.out.is_dir() or not os.listdir(self.out):
             return
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
-        if old is not None:
+        manifest = _our_manifest(self.out)
+        if manifest is None:  # not ours at all: name what is there, without walking it all
+            self._refuse_foreign(sorted(os.listdir(self.out)))
+        self._before = listing(self.out)
+        self._refuse_foreign(foreign_files(self.out, self._before, manifest))
+        kind = manifest.get("kind")
+        kind = kind if isinstance(kind, str) and re.fullmatch(r"[\w-]{1,20}", kind) else ""
+        self._replacing = f"mmconvert {kind} bundle" if kind else "mmconvert bundle"
+        if not self.force:
+            raise OutputError(f"{self.shown}: holds an earlier {self._replacing}; pass --force "
+                              "to replace it")
+
+    def _refuse_foreign(self, foreign: list[str]) -> None:
+        if foreign:
+            raise OutputError(f"{self.shown}: holds files mmconvert did not write; not "
+                              f"replacing it\nnot ours, or changed since: {_names(foreign)}"
+                              "\n--force replaces only a bundle mmconvert wrote; move these "
+                              "files or choose another output folder")
+
+    def _remove_stale(self) -> None:
+        for _, pid, path in self._stale():
+            shutil.rmtree(path, ignore_errors=True)
+            why = "does not hold the lock" if _alive(pid) else "is gone"
+            self.log(f"removed stale {path.name} beside {self.shown} (process {pid} {why})")
+
+    def _commit(self) -> None:
+        if listing(self.out) != self._before:
+            self._keep_and_refuse()
+        if not self._before:
+            try:  # onto a missing or empty OUT: fails if anything appeared in it meanwhile
+                os.rename(self.tmp, self.out)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    self._keep_and_refuse()
+                raise
+            return
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        os.rename(self.out, old)
+        try:
+            os.rename(self.tmp, self.out)
+        except OSError:
+            os.rename(old, self.out)
+            raise
+        files = sum(kind != "dir" for kind, *_ in self._before.values())
+        if listing(old) == self._before:
             shutil.rmtree(old, ignore_errors=True)
+            self.log(f"replaced earlier {self._replacing} {self.shown} ({files} files)")
+        else:  # written to in the instant it was moved aside: keep it where the user sees it
+            kept = self.out.parent / f"{self.out.name}.old-{os.getpid()}"
+            os.rename(old, kept)
+            self.log(f"replaced earlier {self._replacing} {self.shown}; it changed while being "
+                     f"replaced, so it was kept as {kept}")
+
+    def _keep_and_refuse(self) -> None:
+        """OUT changed during the run: leave it alone, keep the finished output beside it."""
+        now = listing(self.out)
+        changed = sorted(set(now) ^ set(self._before)
+                         | {r for r in now if r in self._before and now[r] != self._before[r]})
+        kept = self.out.parent / f"{self.out.name}.new-{os.getpid()}"
+        os.rename(self.tmp, kept)
+        raise OutputError(f"{self.shown}: changed during the run; left as it is\n"
+                          f"new, removed or changed: {_names(changed)}\n"
+                          f"the finished output is in {kept}")
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_refusal(exc: BaseException) -> str | None:
+    """The reason, when the file system refused a write (disk full, quota, read-only).
+
+    Worker threads re-raise the ``OSError`` itself; the safetensors library (``mmconvert
+    example``) wraps it as ``SafetensorError: ... I/O error: ... (os error 28)``.
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found[1]) if found else None
+    return os.strerror(code) if code in WRITE_ERRNOS else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_marker_manifest(folder: Path, kind: str) -> None:
+    """``mmconvert.json`` for output that is not a converted model (``mmconvert example``): it
+    lists the files, so that ``--force`` may later replace the folder and nothing added to it."""
+    outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    hashes = sha256_files(outputs)
+    manifest = {"tool": "mmconvert", "version": __version__, "kind": kind,
+                "outputs": [{"path": str(p.relative_to(folder)), "sha256": hashes[str(p)],
+                             "bytes": p.stat().st_size} for p in outputs]}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def manifest_sources(model) -> list[Path]:

@@ -338,7 +338,9 @@ def test_unknown_pre_tokenizer_refusal_and_override(example_ckpt, tmp_path):
     (ckpt / "tokenizer.json").write_text(json.dumps(tok))
     result = to_gguf(ckpt, "-o", tmp_path / "o", ok=False)
     assert result.exit_code == 2 and "--pre-tokenizer NAME" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    first, *details = result.output.strip().splitlines()  # cause first; a long path below it
+    assert first.startswith("error: ") and len(first) <= 200
+    assert all(line.startswith("  ") for line in details)
     assert not (tmp_path / "o").exists()
     to_gguf(ckpt, "-o", tmp_path / "o", "--pre-tokenizer", "gpt2", "--outtype", "f16")
     (text,) = (tmp_path / "o").glob("ckpt-*-F16.gguf")
@@ -360,8 +362,14 @@ def test_existing_output_needs_force(example_ckpt, tmp_path):
     (out / "keep").write_text("x")
     result = to_gguf(example_ckpt, "-o", out, ok=False)
     assert result.exit_code == 2 and "--force" in result.output
-    to_gguf(example_ckpt, "-o", out, "--force", "--outtype", "f16")
-    assert not (out / "keep").exists()
+    # --force replaces only a bundle mmconvert wrote: a foreign file is refused, and kept
+    result = to_gguf(example_ckpt, "-o", out, "--force", "--outtype", "f16", ok=False)
+    assert result.exit_code == 2 and "keep" in result.output and (out / "keep").is_file()
+    (out / "keep").unlink()
+    to_gguf(example_ckpt, "-o", out, "--outtype", "f16")
+    to_gguf(example_ckpt, "-o", out, "--force", "--outtype", "q8_0")
+    assert [p.name for p in out.glob("*.gguf") if "Q8_0" in p.name]
+    assert not [p for p in out.glob("*.gguf") if "F16" in p.name and "mmproj" not in p.name]
 
 
 def test_checksums_by_default_and_opt_out(example_ckpt, tmp_path):

@@ -370,9 +370,15 @@ def test_cli_refuses_non_empty_out_and_dry_run_writes_nothing(make_checkpoint, t
     result = CliRunner().invoke(main, ["to-hf", str(ckpt), "-o", str(out)])
     assert result.exit_code == 2 and "--force" in result.output
     assert (out / "keep.txt").is_file()
+    # --force replaces only a bundle mmconvert wrote: a foreign file is refused, and kept
+    result = CliRunner().invoke(main, ["to-hf", str(ckpt), "-o", str(out), "--force"])
+    assert result.exit_code == 2 and "keep.txt" in result.output
+    assert (out / "keep.txt").is_file()
+    (out / "keep.txt").unlink()
+    assert cli("to-hf", ckpt, "-o", out).exit_code == 0
     result = cli("to-hf", ckpt, "-o", out, "--force", "--max-shard-size", "30KB")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+    assert (out / "model.safetensors.index.json").is_file()
     dry = tmp_path / "dry"
     result = cli("to-hf", ckpt, "-o", dry, "--dry-run", "--dtype", "float32")
     assert result.exit_code == 0
