@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
+from mmconvert.formats.safe_paths import copy_inside
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 MODELING_FILE = "modeling_mmqwen3.py"
@@ -297,8 +298,8 @@ def write_hf_files(folder: Path, model: CanonicalModel, *, config_dtype: str, re
     _write_json(folder / "config.json", hf_config(model, config_dtype, projector))
     _write_json(folder / "generation_config.json", generation_config(model))
     written = ["config.json", "generation_config.json"]
-    for name in model.tokenizer.files:
-        shutil.copyfile(model.tokenizer.directory / name, folder / name)
+    for name in model.tokenizer.files:  # contents, never a link, and only from inside
+        copy_inside(model.tokenizer.directory, name, folder / name)
         written.append(name)
     shutil.copyfile(TEMPLATE_DIR / MODELING_FILE, folder / MODELING_FILE)
     written.append(MODELING_FILE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmconvert.convert.config_values import config_dict, config_int
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers import ReadOptions, register
@@ -41,12 +42,13 @@ class LlavaQwen3Reader:
 
     def detect(self, path: Path, options: ReadOptions) -> bool:
         cfg = load_json(path / "config.json", "config")
-        return cfg.get("model_type") == "llava" and \
-            (cfg.get("text_config") or {}).get("model_type") in ("qwen3", None)
+        text_config = cfg.get("text_config") or {}
+        return (cfg.get("model_type") == "llava" and isinstance(text_config, dict)
+                and text_config.get("model_type") in ("qwen3", None))
 
     def read(self, path: Path, options: ReadOptions) -> CanonicalModel:
         cfg = load_json(path / "config.json", "config")
-        text_config = cfg.get("text_config") or {}
+        text_config = config_dict(cfg, "text_config", str(path / "config.json"), default=None) or {}
         if "hidden_size" not in text_config:
             raise CheckpointError(f"{path}: LLaVA config has no usable text_config")
         files = find_weight_files(path)
@@ -75,7 +77,8 @@ class LlavaQwen3Reader:
         if tower:
             warnings.append(f"vision tower not exported ({tower} tensors): the projector "
                             "consumes precomputed vision features")
-        spec, proj_refs = self._projector(cfg, sources, proj_prefix, int(text_config["hidden_size"]), path)
+        hidden = config_int(text_config, "hidden_size", str(path / "config.json"))
+        spec, proj_refs = self._projector(cfg, sources, proj_prefix, hidden, path)
         tokenizer_dir = path if (path / "tokenizer.json").is_file() else find_base_dir(cfg, options.base)
         if tokenizer_dir is None:
             raise CheckpointError(f"{path}: missing tokenizer (tokenizer.json); pass --base DIR")

@@ -18,28 +18,48 @@ from pathlib import Path
 
 import numpy as np
 
+from mmconvert.convert.config_values import (
+    check_float,
+    check_int,
+    config_bool,
+    config_dict,
+    config_float,
+    config_int,
+    shown,
+)
 from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, read_checkpoint, register
 from mmconvert.convert.readers.common import find_weight_files, load_json, open_weight_files
 from mmconvert.convert.tensors import TensorRef, TensorTable
 from mmconvert.formats.dtypes import FLOAT_DTYPES, convert, to_float32
+from mmconvert.formats.safe_paths import checked_path
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
-def lora_scale(cfg: dict, module: str) -> float:
+def lora_scale(cfg: dict, module: str, where: str = "adapter_config.json") -> float:
     """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA), with per-module patterns."""
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", 8))
-    for pattern, value in (cfg.get("rank_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
-            r = int(value)
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
-            alpha = float(value)
-    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    r = config_int(cfg, "r", where, default=8)
+    alpha = config_float(cfg, "lora_alpha", where, default=8.0)
+    for table, key in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        for pattern, value in (config_dict(cfg, table, where, default=None) or {}).items():
+            if _matches(pattern, module, f"{where}: {table}"):
+                if key == "r":
+                    r = check_int(value, f"{table}[{shown(pattern)}]", where)
+                else:
+                    alpha = check_float(value, f"{table}[{shown(pattern)}]", where)
+    rslora = config_bool(cfg, "use_rslora", where, default=False)
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _matches(pattern: str, module: str, where: str) -> bool:
+    """PEFT's rule: a pattern names a module by a regex over its dotted name's tail."""
+    try:
+        return re.search(rf"(^|\.){pattern}$", module) is not None
+    except re.error as exc:
+        raise CheckpointError(f"{where}: {shown(pattern)} is not a valid pattern ({exc})") from exc
 
 
 def merged(base: TensorRef, a: TensorRef, b: TensorRef, scale: float, fan_in_fan_out: bool) -> TensorRef:
@@ -75,7 +95,8 @@ class PeftLoraReader:
                                   f"(adapter says {cfg.get('base_model_name_or_path')!r})")
         model = read_checkpoint(base, replace(options, base=None))
         files = find_weight_files(path, stem="adapter_model") or (
-            [path / "adapter_model.bin"] if (path / "adapter_model.bin").is_file() else [])
+            [checked_path(path, "adapter_model.bin")] if (path / "adapter_model.bin").is_file()
+            else [])
         if not files:
             raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
         adapter = {k.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", ""): v
@@ -111,12 +132,12 @@ class PeftLoraReader:
             if target.dtype not in FLOAT_DTYPES:
                 raise CheckpointError(f"{path}: {module}.weight is not a float tensor")
             a, b = ab["A"], ab["B"]
-            fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+            fan_in_fan_out = config_bool(cfg, "fan_in_fan_out", str(path), default=False)
             out_dim, in_dim = target.shape if not fan_in_fan_out else target.shape[::-1]
             if a.shape[1] != in_dim or b.shape[0] != out_dim or a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"{path}: {module} LoRA shapes A{list(a.shape)} B{list(b.shape)} "
                                       f"do not fit the base weight {list(target.shape)}")
-            table.replace(merged(table[target.name], a, b, lora_scale(cfg, module), fan_in_fan_out))
+            table.replace(merged(table[target.name], a, b, lora_scale(cfg, module, str(path / 'adapter_config.json')), fan_in_fan_out))
             merged_names.append(target.name)
         if model.tied and "model.embed_tokens.weight" in merged_names:
             model.warnings.append("LoRA merged into the tied embedding: the output matrix changes too")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmconvert.convert.config_values import config_int
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, register
@@ -53,7 +54,10 @@ class Qwen3WithProjectorReader:
         if not projector.is_file():
             raise CheckpointError(f"{projector}: projector file not found")
         cfg_path = projector_config_path(projector, options.projector_config)
-        proj_config = load_json(cfg_path, "projector config")
+        # a --projector-config is the user's own choice; one found beside --projector must
+        # resolve inside the projector's folder like every checkpoint file
+        proj_config = load_json(cfg_path, "projector config",
+                                user_named=options.projector_config is not None)
         files = find_weight_files(path)
         if not files:
             raise CheckpointError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
@@ -63,7 +67,7 @@ class Qwen3WithProjectorReader:
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc
         proj_sources = open_weight_files([projector])
-        hidden = int(text_config.get("hidden_size", 0))
+        hidden = config_int(text_config, "hidden_size", str(path / "config.json"))
         projectors = seed_projectors(proj_config, hidden, str(cfg_path))
         prefix = next((p for p in PROJECTOR_PREFIXES
                        if any(n.startswith(p + next(iter(projectors)) + ".") for n in proj_sources)),
