@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmconvert.convert.errors import UnsupportedError
+import numpy as np
+
+from mmconvert.convert.config_values import INT32_MAX, UINT32_MAX, shown
+from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_gguf import architecture
 from mmconvert.formats.gguf_writer import Metadata
@@ -15,6 +18,39 @@ QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 # llama.h's enum llama_ftype, by the type of the file's weights
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
               "BF16": 32}
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class _Checked:
+    """``Metadata`` setters that refuse, naming the config key, a value the GGUF type cannot
+    hold (a negative UINT32, a float32 overflowing to inf) instead of failing in the writer."""
+
+    def __init__(self, md: Metadata, where: str):
+        self.md, self.where = md, where
+
+    def _refuse(self, value: Any, source_key: str, key: str, gguf_type: str) -> None:
+        raise CheckpointError(f"{self.where}: {source_key} = {shown(value)} does not fit "
+                              f"GGUF {key} ({gguf_type})")
+
+    def uint32(self, key: str, value: Any, source_key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 0 <= value <= UINT32_MAX:
+            self._refuse(value, source_key, key, "UINT32")
+        self.md.uint32(key, value)
+
+    def int32(self, key: str, value: Any, source_key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not -INT32_MAX - 1 <= value <= INT32_MAX:
+            self._refuse(value, source_key, key, "INT32")
+        self.md.int32(key, value)
+
+    def float32(self, key: str, value: Any, source_key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not abs(float(value)) <= FLOAT32_MAX:
+            self._refuse(value, source_key, key, "FLOAT32")
+        self.md.float32(key, float(value))
 
 
 def size_label(count: int) -> str:
@@ -28,7 +64,7 @@ def size_label(count: int) -> str:
     return f"{value:.{decimals}f}{suffix}"
 
 
-def _rope_scaling(model: CanonicalModel, arch: str, md: Metadata, notes: list[str]) -> None:
+def _rope_scaling(model: CanonicalModel, arch: str, md: _Checked, notes: list[str]) -> None:
     scaling = model.text.rope_scaling
     if not scaling:
         return
@@ -38,15 +74,19 @@ def _rope_scaling(model: CanonicalModel, arch: str, md: Metadata, notes: list[st
     if kind not in ("linear", "yarn"):
         raise UnsupportedError(f"rope scaling {kind!r} has no llama.cpp {arch} equivalent "
                                "(supported: linear, yarn)")
-    md.string(f"{arch}.rope.scaling.type", kind)
-    md.float32(f"{arch}.rope.scaling.factor", float(scaling.get("factor", 1.0)))
+    md.md.string(f"{arch}.rope.scaling.type", kind)
+    factor = scaling.get("factor")
+    md.float32(f"{arch}.rope.scaling.factor", 1.0 if factor is None else factor,
+               "rope_scaling.factor")
     if kind == "yarn":
         orig = scaling.get("original_max_position_embeddings")
         if orig:
-            md.uint32(f"{arch}.rope.scaling.original_context_length", int(orig))
+            md.uint32(f"{arch}.rope.scaling.original_context_length", orig,
+                      "rope_scaling.original_max_position_embeddings")
         for hf_key, suffix in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
             if scaling.get(hf_key) is not None:
-                md.float32(f"{arch}.rope.scaling.{suffix}", float(scaling[hf_key]))
+                md.float32(f"{arch}.rope.scaling.{suffix}", scaling[hf_key],
+                           f"rope_scaling.{hf_key}")
     known = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
              "beta_slow", "rope_theta"}
     ignored = sorted(set(scaling) - known)
@@ -54,21 +94,21 @@ def _rope_scaling(model: CanonicalModel, arch: str, md: Metadata, notes: list[st
         notes.append(f"rope scaling fields without a llama.cpp key, ignored: {', '.join(ignored)}")
 
 
-def _sampling(generation: dict[str, Any], md: Metadata) -> None:
+def _sampling(generation: dict[str, Any], md: _Checked) -> None:
     """Sampling defaults from ``generation_config.json`` as llama.cpp's ``general.sampling.*``
     keys; ``do_sample: false`` means greedy, which llama.cpp spells ``temp = 0``."""
     if generation.get("do_sample") is False:
-        md.float32("general.sampling.temp", 0.0)
+        md.md.float32("general.sampling.temp", 0.0)
         return
     floats = {"temperature": "temp", "top_p": "top_p", "min_p": "min_p",
               "repetition_penalty": "penalty_repeat"}
     for hf_key, key in floats.items():
         value = generation.get(hf_key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            md.float32(f"general.sampling.{key}", float(value))
+        if value is not None:  # type and range checked by the reader
+            md.float32(f"general.sampling.{key}", value, f"generation_config {hf_key}")
     top_k = generation.get("top_k")
-    if isinstance(top_k, int) and not isinstance(top_k, bool):
-        md.int32("general.sampling.top_k", top_k)
+    if top_k is not None:
+        md.int32("general.sampling.top_k", top_k, "generation_config top_k")
 
 
 def text_metadata(model: CanonicalModel, ggml: str, name: str, label: str,
@@ -78,26 +118,30 @@ def text_metadata(model: CanonicalModel, ggml: str, name: str, label: str,
     arch = architecture(model)
     notes = notes if notes is not None else []
     md = Metadata()
+    checked = _Checked(md, str(model.source))
     md.string("general.architecture", arch)
     md.string("general.type", "model")
     md.string("general.name", name)
     md.string("general.size_label", label)
     md.uint32("general.file_type", FILE_TYPES[ggml])
     md.uint32("general.quantization_version", QUANTIZATION_VERSION)
-    _sampling(model.generation_config, md)
-    md.uint32(f"{arch}.block_count", t.num_hidden_layers)
-    md.uint32(f"{arch}.context_length", t.max_position_embeddings)
-    md.uint32(f"{arch}.embedding_length", t.hidden_size)
-    md.uint32(f"{arch}.feed_forward_length", t.intermediate_size)
-    md.uint32(f"{arch}.attention.head_count", t.num_attention_heads)
-    md.uint32(f"{arch}.attention.head_count_kv", t.num_key_value_heads)
-    md.uint32(f"{arch}.attention.key_length", t.head_dim)
-    md.uint32(f"{arch}.attention.value_length", t.head_dim)
-    md.float32(f"{arch}.rope.freq_base", t.rope_theta)
-    _rope_scaling(model, arch, md, notes)
-    md.float32(f"{arch}.attention.layer_norm_rms_epsilon", t.rms_norm_eps)
+    _sampling(model.generation_config, checked)
+    counts = (("block_count", t.num_hidden_layers, "num_hidden_layers"),
+              ("context_length", t.max_position_embeddings, "max_position_embeddings"),
+              ("embedding_length", t.hidden_size, "hidden_size"),
+              ("feed_forward_length", t.intermediate_size, "intermediate_size"),
+              ("attention.head_count", t.num_attention_heads, "num_attention_heads"),
+              ("attention.head_count_kv", t.num_key_value_heads, "num_key_value_heads"),
+              ("attention.key_length", t.head_dim, "head_dim"),
+              ("attention.value_length", t.head_dim, "head_dim"))
+    for key, value, source_key in counts:
+        checked.uint32(f"{arch}.{key}", value, source_key)
+    checked.float32(f"{arch}.rope.freq_base", t.rope_theta, "rope_theta")
+    _rope_scaling(model, arch, checked, notes)
+    checked.float32(f"{arch}.attention.layer_norm_rms_epsilon", t.rms_norm_eps, "rms_norm_eps")
     if t.is_moe:
-        md.uint32(f"{arch}.expert_count", t.num_experts)
-        md.uint32(f"{arch}.expert_used_count", t.num_experts_per_tok)
-        md.uint32(f"{arch}.expert_feed_forward_length", t.moe_intermediate_size)
+        checked.uint32(f"{arch}.expert_count", t.num_experts, "num_experts")
+        checked.uint32(f"{arch}.expert_used_count", t.num_experts_per_tok, "num_experts_per_tok")
+        checked.uint32(f"{arch}.expert_feed_forward_length", t.moe_intermediate_size,
+                       "moe_intermediate_size")
     return md

@@ -35,6 +35,7 @@ import numpy as np
 
 from mmconvert.convert.tensors import TensorRef
 from mmconvert.formats.hashing import sha256_following
+from mmconvert.formats.nonfinite import SCAN
 from mmconvert.formats.streaming import Progress
 
 GGUF_MAGIC = b"GGUF"
@@ -373,6 +374,7 @@ def _write_source(ref: TensorRef, targets: list[_Target], progress: Progress | N
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         data = ref.read() if (start == 0 and stop == rows) else ref.read_rows(start, stop)
+        SCAN.scan(ref.source_name or ref.name, data, ref.dtype)  # once per slice, not per file
         for target in targets:
             view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
             if target.written + len(view) > target.nbytes:
@@ -429,6 +431,7 @@ def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: bool | None
                             fd, f.size, [(end, futures[key]) for end, key in ordered])
                 for future in futures.values():
                     future.result()
+            SCAN.finish()  # NaN/Inf seen: warn, or refuse under --strict
         finally:
             bar.close()
     finally:

@@ -251,11 +251,11 @@ def _translate(exc: Exception, source: str, endpoint: str, repo_id: str,
         said = _server_says(http)
         if status == 401:
             return HubAuthError, (f"the Hub rejected the token from {source} (401 Unauthorized): "
-                                  f"it is invalid, expired or revoked; {TOKEN_HELP}")
+                                  f"it is invalid, expired or revoked\n{TOKEN_HELP}")
         if status == 403:
             return HubPermissionError, (f"the token from {source} may not write to {repo_id} "
-                                        f"(403 Forbidden{said}); use a token with write access "
-                                        f"to '{repo_id.split('/')[0]}'")
+                                        f"(403 Forbidden); use a token with write access to "
+                                        f"'{repo_id.split('/')[0]}'\nthe Hub said{said or ': -'}")
         if isinstance(http, RevisionNotFoundError):
             return HubError, (f"{repo_id} has no branch {revision!r}; push without --create-pr "
                               "to create it")

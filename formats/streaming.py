@@ -1,8 +1,9 @@
 """Streaming tensor data into a file at precomputed offsets, in parallel, a slice at a time.
 
 Writers compute their whole layout first (header, offsets), then call :func:`write_tensors`:
-each tensor is read from its source a few rows at a time, encoded (cast or quantized) and
-written with ``pwrite`` at its offset. Tensors go in parallel on a thread pool (numpy and the
+each tensor is read from its source a few rows at a time, scanned for NaN/Inf
+(:mod:`mmconvert.formats.nonfinite`), encoded (cast or quantized) and written with ``pwrite``
+at its offset. Tensors go in parallel on a thread pool (numpy and the
 syscalls release the GIL); memory stays near ``workers x CHUNK_BYTES``.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from mmconvert.convert.tensors import TensorRef
 from mmconvert.formats.hashing import sha256_following
+from mmconvert.formats.nonfinite import SCAN
 
 CHUNK_BYTES = 32 << 20  # source bytes read per slice
 
@@ -68,6 +70,7 @@ def write_one(fd: int, job: TensorWrite, progress: Progress | None = None) -> No
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         data = ref.read() if (start == 0 and stop == rows) else ref.read_rows(start, stop)
+        SCAN.scan(ref.source_name or ref.name, data, ref.dtype)
         out = np.ascontiguousarray(job.encode(data))
         view = memoryview(out).cast("B")
         _pwrite_all(fd, view, offset)
@@ -92,7 +95,10 @@ def write_tensors(fd: int, jobs: Sequence[TensorWrite], progress: Progress | Non
         futures = [pool.submit(write_one, fd, job, progress) for job in ordered]
         if digest_size is not None:
             regions = [(job.offset + job.nbytes, f) for job, f in zip(ordered, futures)]
-            return sha256_following(fd, digest_size, regions)
+            digest = sha256_following(fd, digest_size, regions)
+            SCAN.finish()
+            return digest
         for future in futures:
             future.result()
+    SCAN.finish()  # NaN/Inf seen in these tensors: warn, or refuse under --strict
     return None

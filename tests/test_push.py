@@ -255,7 +255,9 @@ def test_token_not_in_debug_output_of_a_real_process(hub, st_bundle, tmp_path):
 def _one_line_error(result, *needles: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    # one error line, cause first and short; details (the Hub's own words) on indented lines
+    assert lines[0].startswith("error: ") and len(lines[0]) <= 200, result.stderr
+    assert all(line.startswith("  ") for line in lines[1:]), result.stderr
     for needle in needles:
         assert needle in lines[0]
 

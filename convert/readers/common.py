@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from mmconvert.convert.errors import CheckpointError
+from mmconvert.convert.config_values import (
+    INT32_MAX,
+    check_float,
+    check_int,
+    config_bool,
+    config_dict,
+    config_float,
+    config_int,
+    config_int_list,
+    config_str,
+    shown,
+)
+from mmconvert.convert.errors import CheckpointError, UnsafePathError
 from mmconvert.convert.ids import resolve_special_ids
 from mmconvert.convert.model import (
     ACTIVATIONS,
@@ -17,6 +29,8 @@ from mmconvert.convert.model import (
 )
 from mmconvert.convert.tensors import TensorRef, array_tensor, file_tensor
 from mmconvert.formats.dtypes import from_torch
+from mmconvert.formats.safe_json import JSONTooDeep, loads_limited
+from mmconvert.formats.safe_paths import checked_path, plain_file_name, resolve_inside
 from mmconvert.formats.safetensors_io import read_safetensors_header
 
 # files never opened: optimizer state is a pickle and may execute code
@@ -26,12 +40,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 
 
-def load_json(path: Path, what: str = "file") -> dict[str, Any]:
+def load_json(path: Path, what: str = "file", *, user_named: bool = False) -> dict[str, Any]:
+    """The JSON object in ``path``. Unless the user named the file with a flag, it must
+    resolve inside its own folder (:mod:`mmconvert.formats.safe_paths`); nesting is bounded
+    as the Rust readers bound it, so a file nested thousands deep is one error, not a
+    RecursionError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing {what}")
+    real = path if user_named else resolve_inside(path.parent, path.name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads_limited(real.read_text(encoding="utf-8"))
+    except JSONTooDeep as exc:
+        raise CheckpointError(f"{path}: {what} is {exc}") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
         raise CheckpointError(f"{path}: cannot parse {what} as JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: {what} is not a JSON object")
@@ -42,23 +63,44 @@ def load_json(path: Path, what: str = "file") -> dict[str, Any]:
 # weights
 
 
+# what each kind of index may name: a safetensors index never leads to torch.load
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
 def find_weight_files(directory: Path, stem: str = "model") -> list[Path]:
-    """The weight files of a checkpoint folder, preferring safetensors over pickles."""
-    for index_name, single in ((f"{stem}.safetensors.index.json", f"{stem}.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    """The weight files of a checkpoint folder, preferring safetensors over pickles.
+
+    Every file resolves inside ``directory`` (symlinks included); an index may only name
+    plain file names of its own kind."""
+    for index_name, single, suffixes in (
+            (f"{stem}.safetensors.index.json", f"{stem}.safetensors", SAFETENSORS_SUFFIXES),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin", PICKLE_SUFFIXES)):
         index = directory / index_name
         if index.is_file():
-            weight_map = load_json(index, "weight index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index}: no weight_map")
-            files = sorted({directory / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-            return files
+            return _indexed_files(directory, index, suffixes)
         if (directory / single).is_file():
-            return [directory / single]
+            return [checked_path(directory, single)]
     return []
+
+
+def _indexed_files(directory: Path, index: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    weight_map = load_json(index, "weight index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map")
+    names = set()
+    for tensor, value in weight_map.items():
+        where = f"{index.name}: weight_map[{shown(tensor, 60)}]"
+        name = plain_file_name(value, where)
+        if not name.endswith(suffixes):
+            raise UnsafePathError(f"{where} is {shown(name, 60)}, not a "
+                                  f"{' / '.join(suffixes)} file\nin {index}")
+        names.add(name)
+    files = [checked_path(directory, name) for name in sorted(names)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
+    return files
 
 
 def open_weight_files(files: list[Path]) -> dict[str, TensorRef]:
@@ -97,42 +139,88 @@ def _pickle_refs(path: Path) -> dict[str, TensorRef]:
 
 
 def text_spec_from_config(cfg: dict[str, Any], where: str) -> TextSpec:
-    """Qwen3 hyper-parameters from a Qwen3 ``config.json`` (old or transformers-5 style)."""
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        rope = cfg.get("rope_parameters") or {}
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 1_000_000.0))
-        rope_scaling = cfg.get("rope_scaling")
-        if rope_scaling is None and rope.get("rope_type", "default") != "default":
-            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        return TextSpec(
-            vocab_size=int(cfg["vocab_size"]),
-            config_vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 40960)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            hidden_act=str(cfg.get("hidden_act", "silu")),
-            torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"),
-            num_experts=int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-            decoder_sparse_step=int(cfg.get("decoder_sparse_step") or 1),
-            mlp_only_layers=[int(i) for i in cfg.get("mlp_only_layers") or []],
-            raw_config=dict(cfg),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: not a usable Qwen3 text config ({exc!r} missing or bad)") from exc
+    """Qwen3 hyper-parameters from a Qwen3 ``config.json`` (old or transformers-5 style).
+
+    Every value is type- and range-checked (:mod:`mmconvert.convert.config_values`); the
+    counts are bound by the tensors later (:func:`check_lm_tensors`), before anything loops
+    over them."""
+    hidden = config_int(cfg, "hidden_size", where)
+    heads = config_int(cfg, "num_attention_heads", where)
+    kv_heads = config_int(cfg, "num_key_value_heads", where, default=heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{where}: num_attention_heads ({heads}) is not a multiple of "
+                              f"num_key_value_heads ({kv_heads})")
+    head_dim = config_int(cfg, "head_dim", where, default=hidden // heads)
+    if head_dim < 1:
+        raise CheckpointError(f"{where}: hidden_size // num_attention_heads is 0; set head_dim")
+    experts = config_int(cfg, "num_experts", where, minimum=0,
+                         default=config_int(cfg, "num_local_experts", where, minimum=0,
+                                            default=0))
+    moe: dict[str, Any] = {}
+    if experts:  # the MoE keys mean nothing to a dense model (and are not read there)
+        moe = dict(
+            num_experts=experts,
+            num_experts_per_tok=config_int(cfg, "num_experts_per_tok", where, maximum=experts),
+            moe_intermediate_size=config_int(cfg, "moe_intermediate_size", where),
+            norm_topk_prob=config_bool(cfg, "norm_topk_prob", where, default=False),
+            decoder_sparse_step=config_int(cfg, "decoder_sparse_step", where, default=1),
+            mlp_only_layers=config_int_list(cfg, "mlp_only_layers", where))
+    rope_theta, rope_scaling = _rope_config(cfg, where)
+    dtype = config_str(cfg, "dtype", where, default=None)
+    hidden_act = config_str(cfg, "hidden_act", where, default="silu")
+    if hidden_act != "silu":
+        raise CheckpointError(f"{where}: hidden_act {shown(hidden_act)} is not Qwen3's silu")
+    return TextSpec(
+        vocab_size=config_int(cfg, "vocab_size", where),
+        config_vocab_size=config_int(cfg, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=config_int(cfg, "intermediate_size", where),
+        num_hidden_layers=config_int(cfg, "num_hidden_layers", where),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config_float(cfg, "rms_norm_eps", where, default=1e-6, above=0.0,
+                                  below=1.0),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=config_int(cfg, "max_position_embeddings", where,
+                                           default=40960),
+        tie_word_embeddings=config_bool(cfg, "tie_word_embeddings", where, default=False),
+        attention_bias=config_bool(cfg, "attention_bias", where, default=False),
+        hidden_act=hidden_act,
+        torch_dtype=dtype or config_str(cfg, "torch_dtype", where, default="bfloat16"),
+        **moe,
+        raw_config=dict(cfg),
+    )
+
+
+# rope_scaling numbers mmconvert reads (GGUF keys, HF config) -> their bounds
+_ROPE_SCALING_NUMBERS = {"factor": dict(above=0.0), "beta_fast": {}, "beta_slow": {}}
+
+
+def _rope_config(cfg: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
+    """``rope_theta`` (top level, else ``rope_parameters``) and the scaling dict, checked."""
+    rope = config_dict(cfg, "rope_parameters", where, default={})
+    theta = cfg.get("rope_theta")
+    key = "rope_theta"
+    if theta is None:
+        theta, key = rope.get("rope_theta"), "rope_parameters.rope_theta"
+    rope_theta = 1_000_000.0 if theta is None else \
+        check_float(theta, key, where, above=0.0)
+    scaling = config_dict(cfg, "rope_scaling", where, default=None)
+    if scaling is None and config_str(rope, "rope_type", where, default="default",
+                                      label="rope_parameters.rope_type") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling:
+        name = "rope_scaling" if cfg.get("rope_scaling") is not None else "rope_parameters"
+        for field_name in ("rope_type", "type"):
+            config_str(scaling, field_name, where, default=None, label=f"{name}.{field_name}")
+        for field_name, bounds in _ROPE_SCALING_NUMBERS.items():
+            config_float(scaling, field_name, where, default=None, label=f"{name}.{field_name}",
+                         **bounds)
+        config_int(scaling, "original_max_position_embeddings", where, default=None,
+                   label=f"{name}.original_max_position_embeddings")
+    return rope_theta, scaling
 
 
 def lm_tensor_names(text: TextSpec, tied: bool) -> list[str]:
@@ -187,24 +275,51 @@ def expected_lm_shapes(text: TextSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(text: TextSpec, lm: dict[str, TensorRef], where: str) -> None:
+    """``num_hidden_layers`` bound by the layers the weights hold, before anything loops over
+    it: a config claiming 10**9 layers is one error line, not a hang."""
+    present = {m.group(1) for m in map(LAYER_INDEX.match, lm) if m}
+    if text.num_hidden_layers > len(present):
+        raise CheckpointError(f"{where}: num_hidden_layers = {text.num_hidden_layers} but the "
+                              f"weights hold {len(present)} layers")
+    if text.is_moe:
+        for layer in text.mlp_only_layers:
+            if layer >= text.num_hidden_layers:
+                raise CheckpointError(f"{where}: mlp_only_layers names layer {layer} of "
+                                      f"{text.num_hidden_layers}")
+
+
+def _name_list(names: list[str], what: str) -> str:
+    """``what: first (and N more)`` on the line, every name on the detail lines after it."""
+    head = f"{len(names)} {what}: {names[0]}" if len(names) > 1 else f"{what}: {names[0]}"
+    if len(names) == 1:
+        return head
+    listed = names[:20]
+    rest = f"\n... and {len(names) - 20} more" if len(names) > 20 else ""
+    return f"{head} (and {len(names) - 1} more)\n" + "\n".join(listed) + rest
+
+
 def check_lm_tensors(text: TextSpec, lm: dict[str, TensorRef], where: str) -> None:
     """Missing, extra or mis-shaped language-model tensors -> one clear error."""
+    check_layer_count(text, lm, where)
     tied = "lm_head.weight" not in lm
     expected = lm_tensor_names(text, tied)
     missing = [n for n in expected if n not in lm]
-    extra = sorted(set(lm) - set(expected))
+    expected_set = set(expected)
+    extra = sorted(n for n in lm if n not in expected_set)
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise CheckpointError(f"{where}: tensors missing against the config: "
-                              f"{', '.join(missing[:3])}{more}")
+        raise CheckpointError(f"{where}: " + _name_list(missing, "tensors missing against the "
+                                                        "config"))
     if extra:
-        more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
-        raise CheckpointError(f"{where}: tensors not expected by the config: "
-                              f"{', '.join(extra[:3])}{more}")
+        raise CheckpointError(f"{where}: " + _name_list(extra, "tensors not expected by the "
+                                                        "config"))
     shapes = expected_lm_shapes(text)
     for name, shape in shapes.items():
         if name in lm and tuple(lm[name].shape) != shape:
-            raise CheckpointError(f"{where}: tensor {lm[name].source_name} has shape "
+            raise CheckpointError(f"{where}: tensor {shown(lm[name].source_name)} has shape "
                                   f"{list(lm[name].shape)}, the config implies {list(shape)}")
     emb = lm["model.embed_tokens.weight"]
     if len(emb.shape) != 2 or emb.shape[1] != text.hidden_size:
@@ -227,26 +342,43 @@ def load_tokenizer_spec(directory: Path) -> tuple[TokenizerSpec, dict[str, int]]
             f"{directory}: missing tokenizer (tokenizer.json); save the tokenizer beside the "
             "checkpoint or pass --base DIR with the base model's files")
     tok = load_json(tok_path, "tokenizer")
-    vocab = dict((tok.get("model") or {}).get("vocab") or {})
-    added = [{"id": int(t["id"]), "content": t["content"], "special": bool(t.get("special"))}
-             for t in tok.get("added_tokens") or []]
+    where = str(tok_path)
+    model = config_dict(tok, "model", where, default={})
+    vocab = dict(config_dict(model, "vocab", where, default={}, label="model.vocab"))
+    for content, tid in vocab.items():
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid <= INT32_MAX:
+            raise CheckpointError(f"{where}: model.vocab gives {shown(content)} the id "
+                                  f"{shown(tid)}; ids are integers 0..{INT32_MAX}")
+    added = _tokenizer_json_added_tokens(tok.get("added_tokens"), where)
     for t in added:
         vocab[t["content"]] = t["id"]
     if not vocab:
         raise CheckpointError(f"{tok_path}: tokenizer has an empty vocabulary")
-    size = max(vocab.values()) + 1
     cfg_path = directory / "tokenizer_config.json"
     cfg = load_json(cfg_path, "tokenizer config") if cfg_path.is_file() else {}
-    for tid, info in (cfg.get("added_tokens_decoder") or {}).items():
-        if int(tid) not in {t["id"] for t in added}:
-            added.append({"id": int(tid), "content": info["content"],
-                          "special": bool(info.get("special"))})
-            vocab[info["content"]] = int(tid)
-    size = max(size, max(vocab.values()) + 1)
+    known = {t["id"] for t in added}
+    for t in _added_tokens_decoder(cfg, str(cfg_path)):
+        if t["id"] not in known:
+            added.append(t)
+            vocab[t["content"]] = t["id"]
+    size = max(vocab.values()) + 1
+    for flag in ("add_bos_token", "add_eos_token"):
+        config_bool(cfg, flag, str(cfg_path), default=None)
+    for kind in ("bos", "eos", "pad"):
+        _token_content(cfg.get(f"{kind}_token"), f"{kind}_token", str(cfg_path))
     template = cfg.get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise CheckpointError(f"{cfg_path}: chat_template must be a string or a list of named "
+                              f"templates, got {shown(template)}")
     if (directory / "chat_template.jinja").is_file():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        jinja = resolve_inside(directory, "chat_template.jinja")
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{directory / 'chat_template.jinja'}: not UTF-8 text") from exc
     files = [f for f in TOKENIZER_FILES if (directory / f).is_file()]
+    for name in files:  # each is copied into bundles: none may lead outside the folder
+        resolve_inside(directory, name)
     spec = TokenizerSpec(directory=directory, files=files, size=size,
                          added_tokens=sorted(added, key=lambda t: t["id"]),
                          chat_template=template if isinstance(template, str) else None,
@@ -254,16 +386,55 @@ def load_tokenizer_spec(directory: Path) -> tuple[TokenizerSpec, dict[str, int]]
     return spec, vocab
 
 
-def _token_content(value: Any) -> str | None:
+def _added_token(entry: Any, tid: Any, where: str, label: str) -> dict[str, Any]:
+    """One added token as ``{id, content, special}``, every field checked."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: {label} must be an object with content and special, "
+                              f"got {shown(entry)}")
+    return {"id": check_int(tid, f"{label} id", where, minimum=0),
+            "content": config_str(entry, "content", where, label=f"{label}.content"),
+            "special": config_bool(entry, "special", where, default=False,
+                                   label=f"{label}.special")}
+
+
+def _tokenizer_json_added_tokens(value: Any, where: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise CheckpointError(f"{where}: added_tokens must be a list, got {shown(value)}")
+    return [_added_token(t, t.get("id") if isinstance(t, dict) else None, where,
+                         f"added_tokens[{i}]") for i, t in enumerate(value)]
+
+
+def _added_tokens_decoder(cfg: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """``tokenizer_config.json``'s ``added_tokens_decoder``: ``{"<id>": {content, special}}``."""
+    table = config_dict(cfg, "added_tokens_decoder", where, default={})
+    tokens = []
+    for key, entry in table.items():
+        label = f"added_tokens_decoder[{shown(key, 24)}]"
+        if not (key.isascii() and key.isdigit()):
+            raise CheckpointError(f"{where}: {label}: a token id must be a non-negative "
+                                  "integer")
+        tokens.append(_added_token(entry, int(key) if len(key) < 20 else 2**63, where, label))
+    return tokens
+
+
+def _token_content(value: Any, key: str = "token", where: str = "") -> str | None:
+    """A token as ``tokenizer_config.json`` names it: a string, ``{"content": ...}`` or null."""
     if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+        return config_str(value, "content", where, label=f"{key}.content")
+    if value is None or isinstance(value, str):
+        return value
+    raise CheckpointError(f"{where}: {key} must be a string or an object with content, "
+                          f"got {shown(value)}")
 
 
 def tokenizer_special_ids(spec: TokenizerSpec, vocab: dict[str, int]) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
+    where = str(spec.directory / "tokenizer_config.json")
     for kind in ("bos", "eos", "pad"):
-        content = _token_content(spec.tokenizer_config.get(f"{kind}_token"))
+        content = _token_content(spec.tokenizer_config.get(f"{kind}_token"), f"{kind}_token",
+                                 where)
         out[kind] = vocab.get(content) if content else None
     return out
 
@@ -278,12 +449,16 @@ def resolve_ids(configs: list[tuple[str, dict]], generation: tuple[str, dict] | 
 # projectors (their layouts live in :mod:`mmconvert.convert.readers.projectors`)
 
 
-def parse_activation(value: Any, where: str) -> str:
-    act = str(value or "gelu").lower()
+def parse_activation(value: Any, where: str, key: str = "projector_hidden_act") -> str:
+    """An activation name (``null``: the seed's gelu) as one of :data:`ACTIVATIONS`."""
+    if value is None:
+        return "gelu"
+    if not isinstance(value, str):
+        raise CheckpointError(f"{where}: {key} must be a string, got {shown(value)}")
     aliases = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}
-    act = aliases.get(act, act)
+    act = aliases.get(value.lower(), value.lower())
     if act not in ACTIVATIONS:
-        raise CheckpointError(f"{where}: projector_hidden_act {value!r} is not one of "
+        raise CheckpointError(f"{where}: {key} {shown(value, 32)} is not one of "
                               f"{', '.join(ACTIVATIONS)}")
     return act
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mmconvert.convert.config_values import config_bool, config_int, shown
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, register
@@ -48,9 +49,10 @@ class MultimodalQwen3Reader:
             if name.startswith(LM_PREFIX):
                 lm[name[len(LM_PREFIX):]] = ref.renamed(name[len(LM_PREFIX):])
             elif not name.startswith(PROJECTOR_PREFIX):
-                raise CheckpointError(f"{path}: tensor {name!r} belongs to neither the language "
+                raise CheckpointError(f"{path}: tensor {shown(name)} belongs to neither the language "
                                       "model nor the projectors")
-        gate_first = bool(mm_config.get("gate_up_gate_first", True))
+        where = str(path / "config.json")
+        gate_first = config_bool(mm_config, "gate_up_gate_first", where, default=True)
         lm, fused = split_fused_gate_up(lm, gate_first=gate_first)
         try:
             lm, _ = stack_experts(lm, gate_first=gate_first)
@@ -58,19 +60,21 @@ class MultimodalQwen3Reader:
             raise CheckpointError(f"{path}: {exc}") from exc
         if fused:
             warnings.append(f"split {fused} fused gate_up_proj tensors into gate_proj/up_proj")
-        hidden = int(text_config.get("hidden_size", 0))
-        projectors = seed_projectors(mm_config, hidden, str(path / "config.json"))
+        hidden = config_int(text_config, "hidden_size", text_where)
+        projectors = seed_projectors(mm_config, hidden, where)
         proj_refs = []
         for modality, spec in projectors.items():
-            mcfg = mm_config["modality_configs"][modality] or {}
+            mcfg = mm_config["modality_configs"][modality]
+            first = config_bool(mcfg, "gate_up_gate_first", where, default=gate_first,
+                                label=f"modality_configs.{modality}.gate_up_gate_first")
             proj_refs += projector_tensors(spec, sources, f"{PROJECTOR_PREFIX}{modality}.",
-                                           str(path), bool(mcfg.get("gate_up_gate_first",
-                                                                    gate_first)))
+                                           str(path), first)
         stray = sorted(n for n in sources if n.startswith(PROJECTOR_PREFIX)
                        and n[len(PROJECTOR_PREFIX):].split(".")[0] not in projectors)
         if stray:
-            raise CheckpointError(f"{path}: projector tensors for modalities not in "
-                                  f"modality_configs: {', '.join(stray[:3])}")
+            more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+            raise CheckpointError(f"{path}: projector tensors for a modality not in "
+                                  f"modality_configs: {shown(stray[0])}{more}")
         return assemble(dialect=self.name, source=path, mm_config=mm_config,
                         text_config=text_config, text_where=text_where, lm=lm,
                         projectors=projectors, projector_refs=proj_refs, base_dir=base_dir,

@@ -71,7 +71,8 @@ def split_fused_gate_up(lm: dict[str, TensorRef], gate_first: bool = True) -> tu
     return out, fused
 
 
-PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.(gate|up|down)_proj\.weight$")
+# an expert index of up to 9 digits (a longer one is an unexpected tensor, reported as such)
+PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)(\d{1,9})\.(gate|up|down)_proj\.weight$")
 FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+\.mlp\.experts\.)gate_up_proj$")
 
 
@@ -103,9 +104,10 @@ def stack_experts(lm: dict[str, TensorRef], gate_first: bool = True) -> tuple[di
             continue
         out[name] = ref
     for (prefix, part), experts in groups.items():
-        count = max(experts) + 1
-        if sorted(experts) != list(range(count)):
-            missing = sorted(set(range(count)) - set(experts))
+        count = len(experts)
+        if max(experts) != count - 1:  # distinct indices: complete iff the largest is n - 1
+            # bounded by the tensors present, never by the largest index a name claims
+            missing = [e for e in range(count) if e not in experts][:3]
             raise ValueError(f"{prefix}: experts {missing} missing for {part}_proj")
         name = f"{prefix}{part}_proj"
         out[name] = stack_tensors(name, [experts[e] for e in range(count)], "stack_experts",

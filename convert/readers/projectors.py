@@ -24,9 +24,11 @@ asks: its defaults are no activation, no norm).
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
+from mmconvert.convert.config_values import config_bool, config_float, config_int, config_str, shown
 from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import parse_activation
@@ -38,39 +40,64 @@ SEED_INDEX_WITHOUT_NORM = {0: "fc1", 3: "fc2"}
 LN_EPS = 1e-5  # nn.LayerNorm's default, what the seed uses
 
 
+MODALITY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,47}")
+
+
 def seed_projectors(mm_config: dict[str, Any], hidden: int, where: str) -> dict[str, ProjectorSpec]:
     """Every modality's :class:`ProjectorSpec` from a multimodal config."""
     modalities = mm_config.get("modality_configs")
     if not isinstance(modalities, dict) or not modalities:
-        raise CheckpointError(f"{where}: modality_configs is missing or empty")
+        raise CheckpointError(f"{where}: modality_configs is missing or empty (an object "
+                              'like {"m1": {"input_dim": 1024}})')
     activation = parse_activation(mm_config.get("projector_hidden_act"), where)
-    layer_norm = bool(mm_config.get("use_layer_norm", True))
-    dropout = float(mm_config.get("projector_dropout", 0.0) or 0.0)
-    return {name: projector_spec(name, m or {}, hidden, activation, layer_norm, dropout, where)
-            for name, m in modalities.items()}
+    layer_norm = config_bool(mm_config, "use_layer_norm", where, default=True)
+    dropout = config_float(mm_config, "projector_dropout", where, default=0.0, minimum=0.0,
+                           below=1.0)
+    specs = {}
+    for name, mcfg in modalities.items():
+        check_modality_name(name, where)
+        if not isinstance(mcfg, dict):
+            raise CheckpointError(f"{where}: modality_configs.{name} must be an object with "
+                                  f"input_dim, got {shown(mcfg)}")
+        specs[name] = projector_spec(name, mcfg, hidden, activation, layer_norm, dropout,
+                                     where)
+    return specs
+
+
+def check_modality_name(name: str, where: str) -> None:
+    """A modality name becomes a tensor-name part, an ``nn.ModuleDict`` key and a GGUF key:
+    letters, digits, ``_`` and ``-`` only (no ``.``, ``/``), at most 48 characters."""
+    if not MODALITY_NAME.fullmatch(name):
+        raise CheckpointError(
+            f"{where}: modality name {shown(name, 40)} is not a plain name\n"
+            "use letters, digits, _ and - (at most 48 characters) in modality_configs and in "
+            "the projector tensor names")
 
 
 def projector_spec(name: str, mcfg: dict[str, Any], text_hidden: int, activation: str,
                    layer_norm: bool, dropout: float, where: str) -> ProjectorSpec:
     """One modality's projector (``activation``/``layer_norm``: the global defaults)."""
-    try:
-        input_dim = int(mcfg["input_dim"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: modality {name!r} has no input_dim") from exc
-    kind = str(mcfg.get("projector_type") or "mlp")
+    key = f"modality_configs.{name}"
+    if mcfg.get("input_dim") is None:
+        raise CheckpointError(f"{where}: modality {name!r} has no input_dim")
+    input_dim = config_int(mcfg, "input_dim", where, label=f"{key}.input_dim")
+    kind = config_str(mcfg, "projector_type", where, default="mlp",
+                      label=f"{key}.projector_type")
     if kind not in PROJECTOR_TYPES:
-        raise CheckpointError(f"{where}: modality {name!r} has projector_type {kind!r}; "
+        raise CheckpointError(f"{where}: modality {name!r} has projector_type {shown(kind)}; "
                               f"supported: {', '.join(PROJECTOR_TYPES)}")
-    bias = bool(mcfg.get("bias", True))
+    bias = config_bool(mcfg, "bias", where, default=True, label=f"{key}.bias")
+    act_value = mcfg.get("activation")
+    if act_value == "":
+        act_value = None
     if kind == "low_rank":
-        act = mcfg.get("activation")
-        act = None if act in (None, "none", "") else parse_activation(act, where)
-        norm = bool(mcfg.get("layer_norm", False))
-        try:
-            hidden = int(mcfg["rank"])
-        except (KeyError, TypeError, ValueError) as exc:
+        act = None if act_value in (None, "none") else \
+            parse_activation(act_value, where, f"{key}.activation")
+        norm = config_bool(mcfg, "layer_norm", where, default=False, label=f"{key}.layer_norm")
+        if isinstance(mcfg.get("rank"), bool) or not isinstance(mcfg.get("rank"), int):
             raise CheckpointError(f"{where}: low_rank modality {name!r} needs an integer "
-                                  "rank") from exc
+                                  f"rank, got {shown(mcfg.get('rank'))}")
+        hidden = config_int(mcfg, "rank", where, label=f"{key}.rank")
         layers = [ProjectorLayer("linear", "down", input_dim, hidden, bias=bias)]
         if norm:
             layers.append(ProjectorLayer("layer_norm", "norm", hidden, hidden, eps=LN_EPS))
@@ -78,10 +105,12 @@ def projector_spec(name: str, mcfg: dict[str, Any], text_hidden: int, activation
             layers.append(ProjectorLayer("act", "act", hidden, hidden, activation=act))
         layers.append(ProjectorLayer("linear", "up", hidden, text_hidden, bias=bias))
     else:
-        act = parse_activation(mcfg["activation"], where) if mcfg.get("activation") \
-            else activation
-        norm = bool(mcfg.get("layer_norm", layer_norm))
-        hidden = int(mcfg.get("hidden_dim") or text_hidden)
+        act = activation if act_value is None else \
+            parse_activation(act_value, where, f"{key}.activation")
+        norm = config_bool(mcfg, "layer_norm", where, default=layer_norm,
+                           label=f"{key}.layer_norm")
+        hidden = config_int(mcfg, "hidden_dim", where, default=text_hidden,
+                            label=f"{key}.hidden_dim")
         if kind == "mlp":
             layers = [ProjectorLayer("linear", "fc1", input_dim, hidden)]
             if norm:
@@ -97,17 +126,27 @@ def projector_spec(name: str, mcfg: dict[str, Any], text_hidden: int, activation
             if norm:
                 layers.append(ProjectorLayer("layer_norm", "norm", text_hidden, text_hidden,
                                              eps=LN_EPS))
-    gate = mcfg.get("gate")
-    if gate:
-        if not isinstance(gate, dict) or gate.get("kind", "tanh") != "tanh":
-            raise CheckpointError(f"{where}: modality {name!r}: gate must be "
-                                  '{"kind": "tanh", "complementary": bool, "per_channel": bool}')
-        layers.append(ProjectorLayer("tanh_gate", "gate", text_hidden, text_hidden,
-                                     per_channel=bool(gate.get("per_channel", False)),
-                                     complementary=bool(gate.get("complementary", False))))
+    gate = _gate_config(mcfg.get("gate"), name, where)
+    if gate is not None:
+        layers.append(ProjectorLayer(
+            "tanh_gate", "gate", text_hidden, text_hidden,
+            per_channel=config_bool(gate, "per_channel", where, default=False,
+                                    label=f"{key}.gate.per_channel"),
+            complementary=config_bool(gate, "complementary", where, default=False,
+                                      label=f"{key}.gate.complementary")))
     return ProjectorSpec(modality=name, input_dim=input_dim, hidden_dim=hidden,
                          output_dim=text_hidden, activation=act or "", layer_norm=norm,
                          layers=layers, dropout=dropout, projector_type=kind)
+
+
+def _gate_config(gate: Any, name: str, where: str) -> dict[str, Any] | None:
+    """``gate``: null or false (no gate), or ``{"kind": "tanh", ...}`` (``{}``: its defaults)."""
+    if gate is None or gate is False:
+        return None
+    if not isinstance(gate, dict) or gate.get("kind", "tanh") != "tanh":
+        raise CheckpointError(f"{where}: modality {name!r}: gate must be "
+                              '{"kind": "tanh", "complementary": bool, "per_channel": bool}')
+    return gate
 
 
 # on-disk names of the canonical params that are not named alike (per projector type)
@@ -158,9 +197,9 @@ def projector_tensors(spec: ProjectorSpec, sources: dict[str, TensorRef], prefix
             used.add(src)
         if tuple(ref.shape) != want:
             raise CheckpointError(
-                f"{where}: {ref.source_name} has shape {list(ref.shape)} but modality "
+                f"{where}: {shown(ref.source_name)} has shape {list(ref.shape)}; modality "
                 f"{spec.modality!r} declares input_dim={spec.input_dim}, "
-                f"hidden_dim={spec.hidden_dim} (expected {list(want)})")
+                f"hidden_dim={spec.hidden_dim}")
         refs.append(ref.renamed(f"mm.{spec.modality}.{canonical}"))
     extra = sorted(n for n in sources if n.startswith(prefix) and n not in used)
     if extra:
