@@ -63,7 +63,7 @@ def cpu(args: list[str], rate: int, top: int) -> None:
 
 
 def mem(args: list[str], top: int) -> None:
-    from mmconvert.convert.cli import main as cli
+    from mmconvert.cli import main as cli
 
     tracemalloc.start(12)
     best: dict = {"peak": 0, "snap": None}

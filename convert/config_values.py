@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmconvert.convert.errors import CheckpointError
+from mmconvert.errors import CheckpointError
 
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1

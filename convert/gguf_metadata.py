@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from mmconvert.convert.config_values import INT32_MAX, UINT32_MAX, shown
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_gguf import architecture
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.gguf_writer import Metadata
 
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from mmconvert.convert.config_values import shown
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import SpecialIds
+from mmconvert.errors import CheckpointError
 
 KINDS = ("bos", "eos", "pad")
 

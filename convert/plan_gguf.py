@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import re
 
-from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
 from mmconvert.convert.rope import neox_fixups
 from mmconvert.convert.tensors import TensorRef
+from mmconvert.errors import UnsupportedError
 from mmconvert.formats import quants
 from mmconvert.formats.gguf_writer import GGUFTensor
 

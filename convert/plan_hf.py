@@ -10,12 +10,12 @@ not planned.
 
 from __future__ import annotations
 
-from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
 from mmconvert.convert.plan_safetensors import hf_name, hf_targets, target_dtype
 from mmconvert.convert.projector_export import export_projectors, fold_notes
 from mmconvert.convert.rope import neox_fixups
+from mmconvert.errors import UnsupportedError
 from mmconvert.formats.dtypes import FLOAT_DTYPES, TORCH_NAMES
 
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")

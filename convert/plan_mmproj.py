@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 
-from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.gguf_metadata import FILE_TYPES, QUANTIZATION_VERSION
 from mmconvert.convert.model import CanonicalModel, ProjectorSpec
 from mmconvert.convert.plan import Plan, PlannedTensor
 from mmconvert.convert.projector_export import export_projectors, fold_notes
+from mmconvert.errors import UnsupportedError
 from mmconvert.formats import quants
 from mmconvert.formats.gguf_writer import Metadata, ValueType
 

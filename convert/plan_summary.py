@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmconvert.convert.errors import MMConvertError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, step_label
+from mmconvert.errors import MMConvertError
 
 MAX_VARIANTS = 3  # distinct parameterisations listed per transform
 

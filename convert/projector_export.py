@@ -19,9 +19,9 @@ from dataclasses import replace
 import numpy as np
 
 from mmconvert.convert import transforms
-from mmconvert.convert.errors import UnsupportedError
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.tensors import TensorRef, computed_tensor
+from mmconvert.errors import UnsupportedError
 from mmconvert.formats.dtypes import to_float32
 
 Exported = tuple[dict[str, ProjectorSpec], list[TensorRef]]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mmconvert import __version__
-from mmconvert.convert.errors import OutputError
+from mmconvert.errors import OutputError
 from mmconvert.formats.bundle_lock import BundleLock
 from mmconvert.formats.hashing import sha256_file, sha256_sources
 

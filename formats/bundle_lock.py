@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mmconvert.convert.errors import OutputError
+from mmconvert.errors import OutputError
 
 HOLDER_CHARS = 300  # of the first run's command, in the second run's error
 

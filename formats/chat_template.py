@@ -38,7 +38,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from jinja2.utils import Namespace, _PassArg
 from jinja2.visitor import NodeTransformer
 
-from mmconvert.convert.errors import ChatTemplateError
+from mmconvert.errors import ChatTemplateError
 
 MAX_TEMPLATE_CHARS = 256 * 1024  # real chat templates are a few KiB
 MAX_OUTPUT_CHARS = 2_000_000  # a prompt far longer than any context window

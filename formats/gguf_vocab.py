@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.example import QWEN2_SPLIT_REGEX
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.gguf_writer import Metadata, ValueType
 
 if TYPE_CHECKING:

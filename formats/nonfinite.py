@@ -8,7 +8,7 @@ line per tensor, capped at :data:`MAX_WARNINGS`) or, with ``--strict``, raises
 :class:`NonFiniteWeightsError` while the output is still a temporary folder, so nothing is
 left under OUT.
 
-The CLI's converting commands run inside :func:`scanning` (``convert/cli.py``), which resets
+The CLI's converting commands run inside :func:`scanning` (``mmconvert/cli.py``), which resets
 the tally, sets the policy and prints the warnings on stderr; library callers get them as
 ``RuntimeWarning``.
 """
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from mmconvert.convert.errors import NonFiniteWeightsError
+from mmconvert.errors import NonFiniteWeightsError
 
 MAX_WARNINGS = 10  # tensors named one per line; the rest are counted on one more line
 # 16-bit floats by their bit patterns: exponent all ones is Inf (zero mantissa) or NaN

@@ -20,7 +20,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mmconvert.convert.errors import UnsafePathError
+from mmconvert.errors import UnsafePathError
 
 HF_CACHE_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.dtypes import STORAGE_DTYPES
 from mmconvert.formats.safe_json import JSONObject, JSONTooDeep, loads_like_serde
 

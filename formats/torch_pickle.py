@@ -11,7 +11,7 @@ import re
 import warnings
 from pathlib import Path
 
-from mmconvert.convert.errors import CheckpointError
+from mmconvert.errors import CheckpointError
 
 
 def load_state_dict(path: Path) -> dict:

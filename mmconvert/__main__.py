@@ -1,4 +1,4 @@
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 
 
 @pytest.fixture

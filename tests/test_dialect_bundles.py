@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.readers import read_checkpoint
 from tests import dialect_builders as build
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.gguf_metadata import size_label
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox
@@ -389,7 +389,7 @@ def test_checksums_by_default_and_opt_out(example_ckpt, tmp_path):
 def test_to_gguf_never_imports_torch_or_transformers(example_ckpt, tmp_path):
     code = (
         "import sys\n"
-        "from mmconvert.convert.cli import main\n"
+        "from mmconvert.cli import main\n"
         f"try:\n    main(['to-gguf', {str(example_ckpt)!r}, '-o', {str(tmp_path / 'o')!r},"
         " '--outtype', 'q8_0', '--outtype', 'bf16'])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"

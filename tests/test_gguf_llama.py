@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from tokenizers import Tokenizer
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.readers import read_checkpoint
 from tests.qwen_vocab import write_qwen_vocab_checkpoint
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 from tokenizers import Tokenizer
 
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.model import SpecialIds
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.readers.common import load_tokenizer_spec
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.gguf_vocab import (
     KNOWN_PRE_HASHES,
     PRE_CHECK_TEXT,

@@ -17,12 +17,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
-from mmconvert.convert.errors import UnsupportedError
+from mmconvert.cli import main
 from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.plan_hf import plan_hf
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox, neox_to_interleaved
+from mmconvert.errors import UnsupportedError
 from tests import dialect_builders as build
 from tests.independent_reference import SeedModel
 

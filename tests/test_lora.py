@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
+from mmconvert.errors import CheckpointError
 from mmconvert.formats.dtypes import to_float32
 from tests.independent_reference import _state_dict
 

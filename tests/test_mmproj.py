@@ -1,4 +1,4 @@
-"""The projector GGUF in numpy (:mod:`mmconvert.formats.mmproj`), written from
+"""The projector GGUF in numpy (:mod:`mmconvert.runtime.mmproj`), written from
 docs/gguf-projector.md alone: activations, weight decoding, projections against the seed's
 torch projector for every activation with and without layer norm, the fusion order, and every
 way a projector file can break the spec.
@@ -19,10 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
-from mmconvert.formats import mmproj
-from mmconvert.formats.llama_runtime import fused_runs
-from mmconvert.formats.mmproj import (
+from mmconvert.cli import main
+from mmconvert.runtime import mmproj
+from mmconvert.runtime.llama_runtime import fused_runs
+from mmconvert.runtime.mmproj import (
     ProjectorFileError,
     ProjectorInputError,
     decode_weights,

@@ -1,5 +1,5 @@
-"""The pushed model card: reading a bundle (formats/bundle_summary.py) and merging the card
-(formats/model_card.py) without losing a user's text. No network."""
+"""The pushed model card: reading a bundle (publish/bundle_summary.py) and merging the card
+(publish/model_card.py) without losing a user's text. No network."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from mmconvert.convert.cli import main
-from mmconvert.convert.errors import BundleError
-from mmconvert.formats.bundle_summary import summarize_bundle
-from mmconvert.formats.hub import _card_base
-from mmconvert.formats.model_card import BEGIN, END, CardError, hub_model_id, merge_card
+from mmconvert.cli import main
+from mmconvert.errors import BundleError
+from mmconvert.publish.bundle_summary import summarize_bundle
+from mmconvert.publish.hub import _card_base
+from mmconvert.publish.model_card import BEGIN, END, CardError, hub_model_id, merge_card
 
 REPO = "alice/tiny-mm"
 

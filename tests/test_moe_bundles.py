@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.export_gguf import export_gguf
 from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
-from mmconvert.verify import llama_lib
+from mmconvert.runtime import llama_lib
 from tests.independent_reference import SeedModel, _state_dict
 
 FORMATS = ["per_expert", "fused"]

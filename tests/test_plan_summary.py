@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.plan_summary import planned_transforms
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.tensors import TensorRef

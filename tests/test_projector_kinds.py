@@ -23,15 +23,15 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from mmconvert.cli import main
 from mmconvert.convert import transforms
-from mmconvert.convert.cli import main
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.export_gguf import export_gguf
 from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
+from mmconvert.errors import CheckpointError
 from mmconvert.formats.dtypes import to_float32
-from mmconvert.verify import llama_lib
+from mmconvert.runtime import llama_lib
 from mmconvert.verify.reference import ReferenceModel
 from tests.independent_reference import SeedModel, _state_dict
 from tests.test_verify_mutations import (
@@ -327,12 +327,12 @@ def test_fused_gate_up_of_the_wrong_size_is_refused(kinds, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the numpy runtime of the projector GGUF (formats/mmproj.py, written from the spec) runs them
+# the numpy runtime of the projector GGUF (runtime/mmproj.py, written from the spec) runs them
 
 
 @pytest.mark.parametrize("name", list(KINDS))
 def test_numpy_projector_runtime_runs_the_new_kinds(kinds, name, tmp_path):
-    from mmconvert.formats.mmproj import read_projector_gguf
+    from mmconvert.runtime.mmproj import read_projector_gguf
 
     k = kinds[name]
     export_gguf(k["model"], tmp_path / "g", outtypes=["f16"], projector_outtype="f32",

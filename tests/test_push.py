@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert import cmd_push
-from mmconvert.convert.cli import main
-from mmconvert.convert.errors import HubAuthError
-from mmconvert.formats.model_card import BEGIN, END
+from mmconvert.cli import main
+from mmconvert.commands import push as cmd_push
+from mmconvert.errors import HubAuthError
+from mmconvert.publish.model_card import BEGIN, END
 from tests.fake_hub import Account, FakeHub
 
 WRITE = "hf_WriteTokenSecret_4f1c9a2b7e"  # distinctive, so a leak cannot hide
@@ -231,7 +231,7 @@ def test_token_never_in_output_or_logs(hub, st_bundle, caplog, monkeypatch):
 
 
 def test_token_not_in_exception_chain(hub, st_bundle):
-    from mmconvert.formats.hub import push_bundle
+    from mmconvert.publish.hub import push_bundle
 
     for token in (WRITE + "x", WRITE + "\nInjected: 1"):
         with pytest.raises(HubAuthError) as info:
@@ -365,6 +365,6 @@ def _sha256(path: Path) -> str:
 
 
 def _front_matter(card: str) -> tuple[dict, str]:
-    from mmconvert.formats.model_card import split_front_matter
+    from mmconvert.publish.model_card import split_front_matter
 
     return split_front_matter(card)

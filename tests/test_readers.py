@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
+from mmconvert.errors import CheckpointError
 from mmconvert.verify.reference import ReferenceModel
 from tests import dialect_builders as build
 from tests.independent_reference import SeedModel

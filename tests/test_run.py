@@ -20,21 +20,20 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from mmconvert.convert.cli import main
-from mmconvert.convert.errors import BundleError
-from mmconvert.convert.run_inputs import (
+from mmconvert.cli import main
+from mmconvert.errors import BundleError
+from mmconvert.formats.dtypes import f32_to_bf16
+from mmconvert.formats.gguf_keys import read_gguf_keys
+from mmconvert.runtime import llama_lib, mmproj
+from mmconvert.runtime.llama_runtime import fused_runs
+from mmconvert.runtime.mmproj import read_projector_gguf
+from mmconvert.runtime.run_inputs import (
     RunInputError,
     choose_files,
     expand_placeholders,
     load_embeddings,
     render_chat,
 )
-from mmconvert.formats import mmproj
-from mmconvert.formats.dtypes import f32_to_bf16
-from mmconvert.formats.gguf_keys import read_gguf_keys
-from mmconvert.formats.llama_runtime import fused_runs
-from mmconvert.formats.mmproj import read_projector_gguf
-from mmconvert.verify import llama_lib
 from tests.independent_reference import SeedModel
 
 PH = "<|multimodal|>"
@@ -210,7 +209,7 @@ def reference_logits(seed: SeedModel, tokenizer: Tokenizer, text: str, items) ->
 def runtime_logits(text_gguf: Path, projector_gguf: Path, cases) -> list[torch.Tensor]:
     """What ``mmconvert run`` feeds llama.cpp: placeholders expanded, tokenized by llama.cpp,
     rows projected in numpy from the projector GGUF, token and embedding runs decoded."""
-    from mmconvert.formats.llama_runtime import TextModel
+    from mmconvert.runtime.llama_runtime import TextModel
 
     proj = read_projector_gguf(projector_gguf)
     out = []

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
 

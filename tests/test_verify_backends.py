@@ -7,12 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.export_gguf import export_gguf
 from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
-from mmconvert.verify import llama_lib
+from mmconvert.runtime import llama_lib
 from mmconvert.verify.thresholds import THRESHOLDS
 
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmconvert.convert.readers import read_checkpoint
+from mmconvert.runtime.fusion import fusion_positions
 from mmconvert.verify.cases import (
     CASES_KEY,
     LONG_PROMPT_TOKENS,
@@ -15,7 +16,6 @@ from mmconvert.verify.cases import (
     render_chat,
     write_cases_file,
 )
-from mmconvert.verify.fusion import fusion_positions
 
 
 def test_default_cases_cover_the_issue(example_ckpt):

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
 from tests.hostile.harness import reseal_manifest

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.convert.export_gguf import export_gguf
 from mmconvert.convert.export_hf import export_hf
 from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox
-from mmconvert.verify import llama_lib
+from mmconvert.runtime import llama_lib
 from tests.hostile.harness import reseal_manifest
 
 # ---------------------------------------------------------------------------------------------

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from mmconvert import __version__
-from mmconvert.convert.errors import BundleError, TamperedBundleError, UntrustedCodeError
+from mmconvert.errors import BundleError, TamperedBundleError, UntrustedCodeError
 from mmconvert.formats.bundle import MANIFEST
-from mmconvert.formats.bundle_summary import VERIFY_JSON
 from mmconvert.formats.hashing import sha256_file, sha256_sources
 from mmconvert.formats.hf_folder import MODEL_CLASS, MODELING_FILE, MOE_MODEL_CLASS, TEMPLATE_DIR
 from mmconvert.formats.safe_json import loads_limited
 from mmconvert.formats.safe_paths import resolve_inside
+from mmconvert.publish.bundle_summary import VERIFY_JSON
 
 Warn = Callable[[str], None]
 TRUST_HINT = "pass --trust-bundle-code to import it anyway (it runs with your permissions)"

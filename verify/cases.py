@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from mmconvert.convert.errors import MMConvertError
 from mmconvert.convert.model import CanonicalModel
+from mmconvert.errors import CasesError
 
 CASES_KEY = "mmconvert.cases"
 CASES_VERSION = 1
@@ -37,10 +37,6 @@ LONG_TEXT = (
     "for i in range(10):\n    print(i * 2, [1, 2, 3])\n"
     "Numbers 0 1 2 3 4 5 6 7 8 9 10 42 3.14159 and emoji 🙂 🚀 🎉 with   spaces.\n"
 )
-
-
-class CasesError(MMConvertError):
-    """A cases file that cannot be used (exit 2)."""
 
 
 @dataclass

@@ -27,18 +27,14 @@ from typing import Any
 
 import torch
 
-from mmconvert.convert.errors import MMConvertError
 from mmconvert.convert.model import CanonicalModel
+from mmconvert.errors import ReferenceFileError
 from mmconvert.formats.bundle import sha256_files
 from mmconvert.verify.cases import CASES_KEY, CASES_VERSION, cases_from_entries, cases_to_file_parts
 from mmconvert.verify.harness import ReferenceLogits
 
 REFERENCE_KEY = "mmconvert.reference"
 REFERENCE_VERSION = 1
-
-
-class ReferenceFileError(MMConvertError):
-    """A reference file that cannot be used with this checkpoint (exit 2)."""
 
 
 def source_files(model: CanonicalModel) -> list[Path]:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmconvert.convert.errors import MMConvertError
 from mmconvert.convert.model import CanonicalModel
+from mmconvert.errors import MMConvertError
 from mmconvert.formats.dtypes import FLOAT_DTYPES, to_float32
 from mmconvert.verify.backends import BundleTensor, Target, discover, open_runner
 from mmconvert.verify.cases import Case

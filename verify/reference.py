@@ -22,7 +22,7 @@ import torch
 
 from mmconvert.convert.model import CanonicalModel, ProjectorSpec, TextSpec
 from mmconvert.formats.dtypes import to_torch
-from mmconvert.verify.fusion import as_rows, fusion_positions
+from mmconvert.runtime.fusion import as_rows, fusion_positions
 
 TensorLoader = Callable[[], torch.Tensor]
 # headroom left on each GPU for activations and logits when spreading a model with accelerate

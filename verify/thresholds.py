@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.errors import ThresholdError
 from mmconvert.verify.metrics import METRIC_NAMES
 
 # metrics that must stay at or below their limit; the others must reach at least theirs
@@ -49,10 +49,6 @@ THRESHOLDS: dict[str, dict[str, float]] = {
 # ~2e-4, top-1 ≥ 99.9 %; these floors leave a 5x (Q8_0) to 30x (exact) margin
 BF16_REFERENCE: dict[str, float] = {"mean_kld": 1e-3, "top1": 0.97}
 FALLBACK = "Q4_0"  # an output type without its own row is held to the loosest one
-
-
-class ThresholdError(MMConvertError):
-    """A malformed ``--threshold`` (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from mmconvert.convert.model import CanonicalModel
 
 if TYPE_CHECKING:
-    from mmconvert.verify.llama_lib import LlamaProcess
+    from mmconvert.runtime.llama_lib import LlamaProcess
 
 CORPUS = (
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -41,7 +41,7 @@ def corpus_for(model: CanonicalModel) -> list[str]:
 
 def _ask(gguf: Path | LlamaProcess, *request):
     """Ask a running llama.cpp worker, or one started just for this (vocabulary only)."""
-    from mmconvert.verify.llama_lib import LlamaProcess
+    from mmconvert.runtime.llama_lib import LlamaProcess
 
     if isinstance(gguf, LlamaProcess):
         return gguf.call(*request)
@@ -55,7 +55,7 @@ def _ask(gguf: Path | LlamaProcess, *request):
 def tokenizer_parity(gguf: Path | LlamaProcess, model: CanonicalModel
                      ) -> tuple[str, bool | None, str]:
     """(check name, passed, message): llama.cpp's ids == the HF tokenizer's on the corpus."""
-    from mmconvert.verify import llama_lib
+    from mmconvert.runtime import llama_lib
     from mmconvert.verify.cases import encode, load_tokenizer
 
     reason = llama_lib.unavailable()
@@ -81,7 +81,7 @@ def tokenizer_parity(gguf: Path | LlamaProcess, model: CanonicalModel
 def eog_check(gguf: Path | LlamaProcess, model: CanonicalModel
               ) -> tuple[str, bool | None, str]:
     """(check name, passed, message): every checkpoint eos id stops llama.cpp's generation."""
-    from mmconvert.verify import llama_lib
+    from mmconvert.runtime import llama_lib
 
     reason = llama_lib.unavailable()
     if reason:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
+from mmconvert.errors import CheckpointError
 
 
 @dataclass(frozen=True)

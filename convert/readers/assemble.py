@@ -13,7 +13,6 @@ from mmconvert.convert.config_values import (
     config_str,
     shown,
 )
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.ids import check_ids_in_vocabulary
 from mmconvert.convert.model import DEFAULT_MULTIMODAL_TOKEN, CanonicalModel, ProjectorSpec
 from mmconvert.convert.readers.common import (
@@ -26,6 +25,7 @@ from mmconvert.convert.readers.common import (
 )
 from mmconvert.convert.readers.projectors import seed_projectors  # noqa: F401 (re-exported)
 from mmconvert.convert.tensors import TensorRef, TensorTable
+from mmconvert.errors import CheckpointError
 
 
 def find_base_dir(mm_config: dict[str, Any], base: Path | None) -> Path | None:

@@ -19,7 +19,6 @@ from mmconvert.convert.config_values import (
     config_str,
     shown,
 )
-from mmconvert.convert.errors import CheckpointError, UnsafePathError
 from mmconvert.convert.ids import resolve_special_ids
 from mmconvert.convert.model import (
     ACTIVATIONS,
@@ -28,6 +27,7 @@ from mmconvert.convert.model import (
     TokenizerSpec,
 )
 from mmconvert.convert.tensors import TensorRef, array_tensor, file_tensor
+from mmconvert.errors import CheckpointError, UnsafePathError
 from mmconvert.formats.dtypes import from_torch
 from mmconvert.formats.safe_json import JSONTooDeep, loads_limited
 from mmconvert.formats.safe_paths import checked_path, plain_file_name, resolve_inside

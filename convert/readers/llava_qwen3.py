@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmconvert.convert.config_values import config_dict, config_int
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers import ReadOptions, register
 from mmconvert.convert.readers.assemble import assemble, find_base_dir
@@ -26,6 +25,7 @@ from mmconvert.convert.readers.common import (
     parse_activation,
 )
 from mmconvert.convert.readers.names import unwrap_names
+from mmconvert.errors import CheckpointError
 
 MODALITY = "vision"
 LAYOUTS = (  # (LM prefix -> canonical prefix), projector prefix, lm_head name

@@ -27,11 +27,11 @@ from mmconvert.convert.config_values import (
     config_int,
     shown,
 )
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, read_checkpoint, register
 from mmconvert.convert.readers.common import find_weight_files, load_json, open_weight_files
 from mmconvert.convert.tensors import TensorRef, TensorTable
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.dtypes import FLOAT_DTYPES, convert, to_float32
 from mmconvert.formats.safe_paths import checked_path
 

@@ -29,10 +29,10 @@ from dataclasses import replace
 from typing import Any
 
 from mmconvert.convert.config_values import config_bool, config_float, config_int, config_str, shown
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import parse_activation
 from mmconvert.convert.tensors import Origin, TensorRef
+from mmconvert.errors import CheckpointError
 
 PROJECTOR_TYPES = ("mlp", "swiglu", "low_rank")
 SEED_INDEX_WITH_NORM = {0: "fc1", 1: "norm1", 4: "fc2", 5: "norm2"}

@@ -12,13 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmconvert.convert.config_values import config_int
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.readers import ReadOptions, register
 from mmconvert.convert.readers.assemble import assemble
 from mmconvert.convert.readers.common import find_weight_files, load_json, open_weight_files
 from mmconvert.convert.readers.names import split_fused_gate_up, stack_experts
 from mmconvert.convert.readers.projectors import projector_tensors, seed_projectors
+from mmconvert.errors import CheckpointError
 
 PROJECTOR_PREFIXES = ("multimodal_projector.projectors.", "projectors.", "")
 

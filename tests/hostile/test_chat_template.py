@@ -16,13 +16,13 @@ import pytest
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, unsafe
 
-from mmconvert.convert.errors import ChatTemplateError
 from mmconvert.convert.example import CHAT_TEMPLATE
 from mmconvert.convert.readers import read_checkpoint
-from mmconvert.convert.run_inputs import RunInputError
-from mmconvert.convert.run_inputs import render_chat as run_render_chat
+from mmconvert.errors import ChatTemplateError
 from mmconvert.formats import chat_template
 from mmconvert.formats.chat_template import render
+from mmconvert.runtime.run_inputs import RunInputError
+from mmconvert.runtime.run_inputs import render_chat as run_render_chat
 from mmconvert.verify.cases import render_chat as verify_render_chat
 
 from .harness import assert_refused, run_cli, tree_digest

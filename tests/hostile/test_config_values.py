@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from tests.hostile.harness import CliResult, assert_refused, run_cli, tree_digest
 
 HOSTILE: dict[str, Any] = {

@@ -35,7 +35,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 
 from .harness import REPO, run_cli
 

@@ -247,7 +247,7 @@ def enter(self):
 
 bundle.BundleDir.__enter__ = enter
 sys.argv = ["mmconvert", *sys.argv[3:]]
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 main()
 """
 

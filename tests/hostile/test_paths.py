@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mmconvert.convert.errors import UnsafePathError
+from mmconvert.errors import UnsafePathError
 from mmconvert.formats.safe_paths import allowed_roots, plain_file_name, resolve_inside
 from tests.hostile.harness import assert_refused, run_cli, tree_digest
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from mmconvert.convert.errors import CheckpointError, UnsupportedError
+from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.safetensors_io import MAX_HEADER_BYTES, read_safetensors_header
 from tests.hostile.harness import assert_refused, run_cli, tree_digest
 

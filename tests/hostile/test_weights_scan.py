@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mmconvert.convert.cli import main
+from mmconvert.cli import main
 from mmconvert.formats.dtypes import f32_to_bf16
 from mmconvert.formats.nonfinite import MAX_WARNINGS, NonFiniteScan, count_nonfinite
 from tests.hostile.harness import CliResult, assert_refused, tree_digest

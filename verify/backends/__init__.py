@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmconvert.convert.errors import BundleError
 from mmconvert.convert.model import CanonicalModel
+from mmconvert.errors import BundleError
 from mmconvert.formats.bundle import read_manifest
 from mmconvert.verify.bundle_trust import check_bundle
 from mmconvert.verify.cases import Case

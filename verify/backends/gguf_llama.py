@@ -3,7 +3,7 @@
 Text runs are decoded as tokens (llama.cpp's own embedding lookup); projected rows, computed
 from the projector GGUF as ``docs/gguf-projector.md`` specifies, are injected through
 ``llama_batch.embd``; logits are requested for every position. llama.cpp runs in a worker
-process (:class:`mmconvert.verify.llama_lib.LlamaProcess`) so that a bundle that crashes it
+process (:class:`mmconvert.runtime.llama_lib.LlamaProcess`) so that a bundle that crashes it
 fails verification instead of killing it. Reported as skipped when llama_cpp cannot be
 imported.
 """
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from mmconvert.convert.model import CanonicalModel
-from mmconvert.verify import llama_lib
+from mmconvert.runtime import llama_lib
+from mmconvert.runtime.fusion import as_rows, fusion_positions
 from mmconvert.verify.backends import BundleTensor, Runner, Target, register
 from mmconvert.verify.backends.gguf_common import GGUFBundle, gguf_targets
 from mmconvert.verify.cases import Case
-from mmconvert.verify.fusion import as_rows, fusion_positions
 from mmconvert.verify.reference import project
 from mmconvert.verify.tokenizer_parity import eog_check, tokenizer_parity
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from mmconvert.convert.errors import CheckpointError
 from mmconvert.convert.model import CanonicalModel, ProjectorSpec, TextSpec
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
 from mmconvert.convert.readers.projectors import seed_projectors
+from mmconvert.errors import CheckpointError
 from mmconvert.formats.dtypes import to_float32
 from mmconvert.formats.safetensors_io import SafetensorsEntry, read_entry, read_safetensors_header
 from mmconvert.verify.backends import (

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.errors import ProjectorFileError, ProjectorInputError
 
 ARCH = "mmproj-embed"
 SPEC_VERSION = 2  # the newest version this reader understands
@@ -30,14 +30,6 @@ LAYER_KINDS = ("linear", "layer_norm", "act", "glu", "scale")  # glu, scale: ver
 _WIDENING = ("linear", "glu")  # the kinds that may change the width
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 _Q8_0_BLOCK = 32  # values per block; a block is a float16 scale then 32 int8
-
-
-class ProjectorFileError(MMConvertError):
-    """The projector GGUF is missing, unreadable, or breaks docs/gguf-projector.md."""
-
-
-class ProjectorInputError(MMConvertError):
-    """Embeddings that do not fit the projector (unknown modality, wrong width, ...)."""
 
 
 # -- activations ------------------------------------------------------------------------------

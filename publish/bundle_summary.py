@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmconvert.convert.errors import BundleError
+from mmconvert.errors import BundleError
 from mmconvert.formats.bundle import MANIFEST, read_manifest
 
 KINDS = ("hf", "safetensors", "gguf")

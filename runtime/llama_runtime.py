@@ -1,7 +1,7 @@
 """Running a text GGUF with projected rows in llama.cpp: fused prompts, logits, generation.
 
 One implementation of "load a GGUF safely, decode token runs and embedding runs, get logits":
-model loading and decoding are :mod:`mmconvert.verify.llama_lib`'s (no extra buffer types,
+model loading and decoding are :mod:`mmconvert.runtime.llama_lib`'s (no extra buffer types,
 which crash Q8_0/Q4 files on AMX CPUs; an F32 KV cache and no flash attention, so an F32 GGUF
 reproduces torch to a few 1e-6). This module adds what a runner needs on top: the fusion rule as
 llama.cpp decodes it (token runs and ``llama_batch.embd`` runs with continuing positions),
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.errors import LlamaRuntimeError
 from mmconvert.formats.gguf_keys import read_gguf_keys
-from mmconvert.verify import llama_lib
-from mmconvert.verify.fusion import fusion_positions
+from mmconvert.runtime import llama_lib
+from mmconvert.runtime.fusion import fusion_positions
 
 Run = tuple[str, np.ndarray]  # ("tokens", int ids [n]) or ("embd", float32 rows [n, n_embd])
 EOS_KEYS = ("tokenizer.ggml.eos_token_ids", "tokenizer.ggml.eos_token_id",
@@ -36,15 +36,11 @@ METADATA_KEYS = (*EOS_KEYS, "tokenizer.ggml.bos_token_id", "tokenizer.chat_templ
                  "general.sampling.temp", "general.sampling.top_k", "general.sampling.top_p")
 
 
-class LlamaRuntimeError(MMConvertError):
-    """llama.cpp is not installed, cannot load the file, or the prompt does not fit."""
-
-
 def fused_runs(ids: Sequence[int], placeholder_id: int | None, rows: np.ndarray) -> list[Run]:
     """The prompt as llama.cpp decodes it: runs of token ids and runs of projected rows.
 
     ``rows`` (``[N, n_embd]``) replace the placeholder tokens one per row, or are prepended when
-    the prompt has none (:func:`mmconvert.verify.fusion.fusion_positions`, whose ``ValueError``
+    the prompt has none (:func:`mmconvert.runtime.fusion.fusion_positions`, whose ``ValueError``
     for any other count propagates).
     """
     fused, where = fusion_positions(ids, placeholder_id, len(rows))

@@ -7,14 +7,10 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, user_errors
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.cli import load_model, source_options, user_errors
+from mmconvert.errors import UsageError
 
 BACKENDS = ("safetensors", "hf", "gguf_torch", "gguf_llama")
-
-
-class UsageError(MMConvertError):
-    """Options that do not go together (exit 2)."""
 
 
 @click.command("verify")

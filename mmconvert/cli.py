@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mmconvert import __version__
-from mmconvert.convert.errors import MMConvertError
+from mmconvert.errors import MMConvertError
 
 
 def strict_option(fn: Callable) -> Callable:
@@ -140,10 +140,9 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from mmconvert.convert import cmd_core, cmd_gguf, cmd_hf, cmd_push, cmd_run
-    from mmconvert.verify import cmd_verify
+    from mmconvert.commands import core, gguf, hf, push, run, verify
 
-    for module in (cmd_core, cmd_hf, cmd_gguf, cmd_verify, cmd_push, cmd_run):
+    for module in (core, hf, gguf, verify, push, run):
         for command in module.COMMANDS:
             main.add_command(command)
 

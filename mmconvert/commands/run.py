@@ -1,8 +1,8 @@
 """``run``: generate from a GGUF bundle in llama.cpp, with projected embeddings spliced in.
 
 No existing runtime understands an embedding-only projector, so this is what makes a bundle
-usable: the projector GGUF runs in numpy (:mod:`mmconvert.formats.mmproj`), its rows enter
-llama.cpp through ``llama_batch.embd`` (:mod:`mmconvert.formats.llama_runtime`). Nothing here
+usable: the projector GGUF runs in numpy (:mod:`mmconvert.runtime.mmproj`), its rows enter
+llama.cpp through ``llama_batch.embd`` (:mod:`mmconvert.runtime.llama_runtime`). Nothing here
 imports torch; imports stay inside the command so that ``mmconvert --help`` is instant.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import user_errors
+from mmconvert.cli import user_errors
 
 DEFAULT_TOP_K = 40  # llama.cpp's defaults, when the GGUF has no general.sampling.* keys
 DEFAULT_TOP_P = 0.95
@@ -69,9 +69,9 @@ def run_cmd(out: Path, prompt: str, embeddings: Path | None, max_tokens: int, te
       mmconvert run out/ --embeddings emb.safetensors --chat \\
           --prompt "Describe <|multimodal|> in one line."
     """
-    from mmconvert.convert.run_inputs import RunInputError, choose_files, load_embeddings
-    from mmconvert.formats.llama_runtime import TextModel, TextStream
-    from mmconvert.formats.mmproj import read_projector_gguf
+    from mmconvert.runtime.llama_runtime import TextModel, TextStream
+    from mmconvert.runtime.mmproj import read_projector_gguf
+    from mmconvert.runtime.run_inputs import RunInputError, choose_files, load_embeddings
 
     if system is not None and not chat:
         raise RunInputError("--system is a chat turn: add --chat")
@@ -114,8 +114,8 @@ def _prompt(model, projector, prompt: str, chat: bool, system: str | None,
     """(text as it runs, its token ids, the runs llama.cpp decodes)."""
     import numpy as np
 
-    from mmconvert.convert.run_inputs import RunInputError, expand_placeholders, render_chat
-    from mmconvert.formats.llama_runtime import fused_runs
+    from mmconvert.runtime.llama_runtime import fused_runs
+    from mmconvert.runtime.run_inputs import RunInputError, expand_placeholders, render_chat
 
     placeholder = _placeholder(projector, model)
     text = prompt
@@ -142,7 +142,7 @@ def _prompt(model, projector, prompt: str, chat: bool, system: str | None,
 
 def _placeholder(projector, model) -> int | None:
     """The placeholder id, checked against the text GGUF (and the projector's width too)."""
-    from mmconvert.convert.errors import BundleError
+    from mmconvert.errors import BundleError
 
     if projector is None:
         return None
@@ -160,7 +160,7 @@ def _placeholder(projector, model) -> int | None:
 
 
 def _context_size(n_ctx: int | None, positions: int, max_tokens: int, n_ctx_train: int) -> int:
-    from mmconvert.convert.run_inputs import RunInputError
+    from mmconvert.runtime.run_inputs import RunInputError
 
     if n_ctx is None:
         limit = n_ctx_train if n_ctx_train > 0 else positions + max_tokens + 1
@@ -175,7 +175,7 @@ def _context_size(n_ctx: int | None, positions: int, max_tokens: int, n_ctx_trai
 
 
 def _sampling(model, temp: float, top_k: int | None, top_p: float | None, seed: int | None):
-    from mmconvert.formats.llama_runtime import Sampling
+    from mmconvert.runtime.llama_runtime import Sampling
 
     defaults = model.metadata
     return Sampling(

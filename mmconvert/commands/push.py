@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mmconvert.formats.bundle_summary import VERIFY_JSON, VERIFY_MARKDOWN
+from mmconvert.publish.bundle_summary import VERIFY_JSON, VERIFY_MARKDOWN
 
 if TYPE_CHECKING:  # huggingface_hub is imported only when a push actually happens
-    from mmconvert.formats.hub import PushResult
+    from mmconvert.publish.hub import PushResult
 
 TOKEN_HELP = ("Hugging Face token [default: HF_TOKEN, else the `hf auth login` token]. Prefer "
               "those: a token on the command line shows in shell history and `ps`.")
@@ -58,7 +58,7 @@ def _user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mmconvert.convert.cli import user_errors
+        from mmconvert.cli import user_errors
 
         return user_errors(fn)(*args, **kwargs)
 
@@ -143,7 +143,7 @@ def push_after_export(bundle: Path, request: PushRequest | None, *,
 def run_verify(ckpt: Path, bundle: Path, source_args: Sequence[str] = ()) -> int:
     """``mmconvert verify CKPT BUNDLE --markdown ... --report-json ...`` in this process; its
     exit code (0 pass, 1 parity failure, 2 usage or input error)."""
-    from mmconvert.convert.cli import main
+    from mmconvert.cli import main
 
     args = ["verify", str(ckpt), str(bundle), *source_args,
             "--markdown", str(bundle / VERIFY_MARKDOWN), "--report-json", str(bundle / VERIFY_JSON)]
@@ -164,7 +164,7 @@ def push_and_report(bundle: Path, repo: str, *, token: str | None = None, privat
                     commit_message: str | None = None,
                     echo: Callable[[str], None] = click.echo) -> PushResult:
     """Push and print one summary line (progress notes go to stderr)."""
-    from mmconvert.formats.hub import hub_endpoint, push_bundle
+    from mmconvert.publish.hub import hub_endpoint, push_bundle
 
     result = push_bundle(bundle, repo, token=token, private=private, revision=revision,
                          create_pr=create_pr, commit_message=commit_message,

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from mmconvert import __version__
-from mmconvert.formats.bundle_summary import BundleSummary
+from mmconvert.publish.bundle_summary import BundleSummary
 
 BEGIN = "<!-- mmconvert:begin -->"
 END = "<!-- mmconvert:end -->"

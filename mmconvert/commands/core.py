@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, strict_option, user_errors
-from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
-from mmconvert.convert.errors import OutputError
+from mmconvert.cli import load_model, source_options, strict_option, user_errors
+from mmconvert.commands.push import PushRequest, push_after_export, push_options
+from mmconvert.errors import OutputError
 
 
 @click.command("example")

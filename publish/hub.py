@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from mmconvert import __version__
-from mmconvert.convert.errors import (
+from mmconvert.errors import (
     HubAuthError,
     HubConnectionError,
     HubError,
@@ -38,8 +38,8 @@ from mmconvert.convert.errors import (
     HubRepoNotFoundError,
     MMConvertError,
 )
-from mmconvert.formats.bundle_summary import CARD, BundleSummary, bundle_files, summarize_bundle
-from mmconvert.formats.model_card import BEGIN, CardError, merge_card
+from mmconvert.publish.bundle_summary import CARD, BundleSummary, bundle_files, summarize_bundle
+from mmconvert.publish.model_card import BEGIN, CardError, merge_card
 
 if TYPE_CHECKING:  # imported lazily: huggingface_hub costs CLI start-up time
     from huggingface_hub import CommitOperationAdd, HfApi

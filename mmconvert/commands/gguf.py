@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from mmconvert.convert.cli import load_model, source_options, strict_option, user_errors
-from mmconvert.convert.cmd_push import PushRequest, push_after_export, push_options
-from mmconvert.convert.errors import OutputError
+from mmconvert.cli import load_model, source_options, strict_option, user_errors
+from mmconvert.commands.push import PushRequest, push_after_export, push_options
+from mmconvert.errors import OutputError
 
 OUTTYPE_CHOICES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "auto"]
 

@@ -4,7 +4,7 @@ llama-cpp-python is an optional extra: :func:`unavailable` says why it cannot be
 message is what reports show for skipped llama.cpp checks).
 
 Everything here runs inside a worker process (:class:`LlamaProcess`, serving
-``python -m mmconvert.verify.llama_lib``): a broken GGUF can crash llama.cpp (a segfault cannot
+``python -m mmconvert.runtime.llama_lib``): a broken GGUF can crash llama.cpp (a segfault cannot
 be caught in Python), and a verifier must report that as a failure of the bundle, not die.
 
 Models load without llama.cpp's "extra" CPU buffer types (runtime repacking, AMX): on this
@@ -202,7 +202,7 @@ class LlamaProcess:
         import sys
 
         self.path = Path(path)
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmconvert.verify.llama_lib"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "mmconvert.runtime.llama_lib"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.info = self.call("load", str(path), gpu, vocab_only)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmconvert.convert.errors import BundleError, MMConvertError
+from mmconvert.errors import BundleError, RunInputError
 from mmconvert.formats.bundle import read_manifest
 
 # most precise first: the default text GGUF is the first of these the bundle has (F16 keeps
@@ -18,10 +18,6 @@ from mmconvert.formats.bundle import read_manifest
 PRECISION_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 _ITEM_NAME = re.compile(r"^(?P<modality>[A-Za-z0-9_-]+)(?:\.(?P<index>\d+))?$")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-class RunInputError(MMConvertError):
-    """A run's inputs do not fit the bundle: embeddings, placeholders, template, options."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ def render_chat(template: str | None, prompt: str, system: str | None = None,
     turn (after a system turn when given), with the assistant's turn opened."""
     if not template:
         raise RunInputError("--chat: the text GGUF has no tokenizer.chat_template")
-    from mmconvert.convert.errors import ChatTemplateError
+    from mmconvert.errors import ChatTemplateError
     from mmconvert.formats.chat_template import render
 
     messages = ([{"role": "system", "content": system}] if system else []) + \

@@ -1,0 +1,1 @@
+"""The click commands: options, printing and exit codes over :mod:`mmconvert.api`."""
