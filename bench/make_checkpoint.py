@@ -68,16 +68,16 @@ class Checkpoint:
 # ---------------------------------------------------------------- tokenizer
 
 def write_tokenizer(directory: Path) -> int:
-    """Qwen's real vocabulary (``tests/qwen_vocab.py``) plus the multimodal token; returns
+    """Qwen's real vocabulary (``testkit/qwen_vocab.py``) plus the multimodal token; returns
     ``len(tokenizer)``."""
     from tokenizers import AddedToken, Tokenizer
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     try:
-        from tests.qwen_vocab import build_qwen_tokenizer
+        from testkit.qwen_vocab import build_qwen_tokenizer
     except ImportError as exc:
-        raise SystemExit(f"tests/qwen_vocab.py (build_qwen_tokenizer) is not available: {exc}"
+        raise SystemExit(f"testkit/qwen_vocab.py (build_qwen_tokenizer) is not available: {exc}"
                          ) from exc
     path = Path(build_qwen_tokenizer(directory))
     if path.is_dir():

@@ -37,6 +37,11 @@ class _Missing:
 REQUIRED: Any = _Missing()
 
 
+def _refused(where: str, key: str, problem: str) -> CheckpointError:
+    """The error for config key ``key`` of file ``where`` (both kept as attributes)."""
+    return CheckpointError(f"{where}: {key} {problem}", path=where.split("#")[0], name=key)
+
+
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters (a user's value echoed in an error)."""
     text = repr(value)
@@ -49,7 +54,7 @@ def _lookup(cfg: dict[str, Any], key: str, where: str, default: Any) -> tuple[bo
     if value is not None:
         return True, value
     if default is REQUIRED:
-        raise CheckpointError(f"{where}: {key} is missing")
+        raise _refused(where, key, "is missing")
     return False, default
 
 
@@ -57,10 +62,10 @@ def check_int(value: Any, key: str, where: str, *, minimum: int | None = 1,
               maximum: int = INT32_MAX) -> int:
     """``value`` as a count in ``minimum..maximum`` (see the module docstring)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise CheckpointError(f"{where}: {key} must be an integer, got {shown(value)}")
+        raise _refused(where, key, f"must be an integer, got {shown(value)}")
     if (minimum is not None and value < minimum) or value > maximum:
         low = "" if minimum is None else f"{minimum}.."
-        raise CheckpointError(f"{where}: {key} = {shown(value)} is out of range "
+        raise _refused(where, key, f"= {shown(value)} is out of range "
                               f"({low}{maximum})")
     return value
 
@@ -79,16 +84,16 @@ def check_float(value: Any, key: str, where: str, *, minimum: float | None = Non
                 finite: bool = True) -> float:
     """``value`` as a float: ``>= minimum``, ``> above``, ``< below``, finite unless told."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CheckpointError(f"{where}: {key} must be a number, got {shown(value)}")
+        raise _refused(where, key, f"must be a number, got {shown(value)}")
     number = float(value)
     if finite and not math.isfinite(number):
-        raise CheckpointError(f"{where}: {key} must be a finite number, got {shown(value)}")
+        raise _refused(where, key, f"must be a finite number, got {shown(value)}")
     bounds = [(minimum is not None and not number >= minimum, f">= {minimum}"),
               (above is not None and not number > above, f"> {above}"),
               (below is not None and not number < below, f"< {below}")]
     for broken, rule in bounds:
         if broken:
-            raise CheckpointError(f"{where}: {key} = {shown(value)} must be {rule}")
+            raise _refused(where, key, f"= {shown(value)} must be {rule}")
     return number
 
 
@@ -107,7 +112,7 @@ def config_bool(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQ
     """``cfg[key]`` as a JSON boolean; ``default`` when unset."""
     found, value = _lookup(cfg, key, where, default)
     if found and not isinstance(value, bool):
-        raise CheckpointError(f"{where}: {label or key} must be true or false, "
+        raise _refused(where, label or key, f"must be true or false, "
                               f"got {shown(value)}")
     return value
 
@@ -117,7 +122,7 @@ def config_str(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQU
     """``cfg[key]`` as a string; ``default`` when unset."""
     found, value = _lookup(cfg, key, where, default)
     if found and not isinstance(value, str):
-        raise CheckpointError(f"{where}: {label or key} must be a string, got {shown(value)}")
+        raise _refused(where, label or key, f"must be a string, got {shown(value)}")
     return value
 
 
@@ -126,7 +131,7 @@ def config_dict(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQ
     """``cfg[key]`` as a JSON object; ``default`` when unset."""
     found, value = _lookup(cfg, key, where, default)
     if found and not isinstance(value, dict):
-        raise CheckpointError(f"{where}: {label or key} must be a JSON object, "
+        raise _refused(where, label or key, f"must be a JSON object, "
                               f"got {shown(value)}")
     return value
 
@@ -138,6 +143,6 @@ def config_int_list(cfg: dict[str, Any], key: str, where: str, *, minimum: int =
     if not found:
         return []
     if not isinstance(value, list):
-        raise CheckpointError(f"{where}: {key} must be a list of integers, got {shown(value)}")
+        raise _refused(where, key, f"must be a list of integers, got {shown(value)}")
     return [check_int(v, f"{key}[{i}]", where, minimum=minimum, maximum=maximum)
             for i, v in enumerate(value)]

@@ -59,7 +59,7 @@ PRE_CHECK_TEXT = (
 
 # sha256(str(ids of PRE_CHECK_TEXT)) -> llama.cpp pre-tokenizer name
 KNOWN_PRE_HASHES: dict[str, str] = {
-    # Qwen2/Qwen2.5/Qwen3 (151 643 BPE ranks; tests/qwen_vocab.py rebuilds it and checks this)
+    # Qwen2/Qwen2.5/Qwen3 (151 643 BPE ranks; testkit/qwen_vocab.py rebuilds it and checks this)
     "c6349f02595047ced2aaa326905de14b111644eb1a998b6c379da639495b93c6": "qwen2",
 }
 

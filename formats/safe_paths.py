@@ -32,10 +32,10 @@ def plain_file_name(name: object, where: str) -> str:
     weight_map['lm_head.weight']"``.
     """
     if not isinstance(name, str):
-        raise UnsafePathError(f"{where} is {_shown(name)}, not a file name")
+        raise UnsafePathError(f"{where} is {_shown(name)}, not a file name", name=where)
     if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise UnsafePathError(f"{where} is {_shown(name)}, not a plain file name in the "
-                              "index's folder")
+                              "index's folder", name=where)
     return name
 
 
@@ -62,18 +62,19 @@ def resolve_inside(folder: Path, name: str | Path) -> Path:
     folder = Path(folder)
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or "\0" in str(name):
-        raise UnsafePathError(f"{_shown(str(name))}: not a path inside {folder}")
+        raise UnsafePathError(f"{_shown(str(name))}: not a path inside {folder}", path=folder)
     logical = folder / relative
     try:
         real = logical.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before 3.13)
-        raise UnsafePathError(f"{logical}: cannot resolve the link ({exc})") from exc
+        raise UnsafePathError(f"{logical}: cannot resolve the link ({exc})", path=logical) from exc
     roots = allowed_roots(folder)
     if not any(real.is_relative_to(root) for root in roots):
         raise UnsafePathError(
             f"{relative}: links outside its folder; refused (nothing outside is read or copied)"
             f"\n{logical} -> {real}"
-            "\nreplace the link with the file itself, or pass the folder it lives in")
+            "\nreplace the link with the file itself, or pass the folder it lives in",
+            path=logical)
     return real
 
 

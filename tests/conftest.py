@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmconvert.convert.example import ExampleOptions, write_example
+from testkit.checkpoints import ExampleOptions, write_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,7 +30,7 @@ def make_checkpoint(tmp_path_factory):
             root = tmp_path_factory.mktemp("ckpt")
             if not opts.embed_text_config and opts.base_dir is None:
                 opts.base_dir = root / "base"
-            cache[key] = write_example(root / "ckpt", opts)
+            cache[key] = write_checkpoint(root / "ckpt", opts)
         return cache[key]
 
     return make

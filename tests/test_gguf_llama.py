@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from mmconvert.cli import main
 from mmconvert.convert.readers import read_checkpoint
-from tests.qwen_vocab import write_qwen_vocab_checkpoint
+from testkit.qwen_vocab import write_qwen_vocab_checkpoint
 
 llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llama

@@ -21,7 +21,7 @@ from mmconvert.formats.gguf_vocab import (
     pre_check_hash,
 )
 from mmconvert.formats.gguf_writer import Metadata
-from tests.qwen_vocab import ENDOFTEXT_ID, IM_END_ID, build_qwen_tokenizer, qwen_vocab_size
+from testkit.qwen_vocab import ENDOFTEXT_ID, IM_END_ID, build_qwen_tokenizer, qwen_vocab_size
 
 
 @pytest.fixture(scope="module")

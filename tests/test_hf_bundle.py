@@ -23,22 +23,13 @@ from mmconvert.convert.plan_hf import plan_hf
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox, neox_to_interleaved
 from mmconvert.errors import UnsupportedError
+from testkit.variants import VARIANTS as SEED_VARIANTS
 from tests import dialect_builders as build
 from tests.independent_reference import SeedModel
 
 TOL = 1e-5
-VARIANTS = {
-    "default": {},
-    "no-layer-norm-relu": {"layer_norm": False, "activation": "relu"},
-    "tanh": {"activation": "tanh"},
-    "silu-tied": {"activation": "silu", "tied": True},
-    "sharded": {"shards": 3},
-    "pickle": {"weights_format": "pickle"},
-    "padded-vocab": {"resize_vocab": False},
-    "base-dir": {"embed_text_config": False},
-    "training-state": {"training_state": True},
-    "qwen3+projector": None,  # a plain Qwen3 folder + --projector, built from the default
-}
+VARIANTS = {**SEED_VARIANTS,
+            "qwen3+projector": None}  # a plain Qwen3 folder + --projector, built from the default
 SMALL_SHARD = "40KB"  # the "sharded" variant's bundle is split, with an index
 
 

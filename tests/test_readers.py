@@ -8,21 +8,9 @@ import torch
 from mmconvert.convert.readers import ReadOptions, read_checkpoint
 from mmconvert.errors import CheckpointError
 from mmconvert.verify.reference import ReferenceModel
+from testkit.variants import VARIANTS
 from tests import dialect_builders as build
 from tests.independent_reference import SeedModel
-
-VARIANTS = {
-    "default": {},
-    "no-layer-norm-relu": {"layer_norm": False, "activation": "relu"},
-    "tanh": {"activation": "tanh"},
-    "silu-tied": {"activation": "silu", "tied": True},
-    "sharded": {"shards": 3},
-    "pickle": {"weights_format": "pickle"},
-    "pickle-sharded": {"weights_format": "pickle", "shards": 2},
-    "padded-vocab": {"resize_vocab": False},
-    "training-state": {"training_state": True},
-    "float32": {"dtype": "float32"},
-}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

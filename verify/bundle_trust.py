@@ -100,7 +100,7 @@ def _read_set(folder: Path, kind: str, listed: dict[str, Listed]) -> list[str]:
         if path.suffix in READ_SUFFIXES.get(kind, ()) or path.name in READ_NAMES.get(kind, ()):
             raise TamperedBundleError(
                 f"tampered bundle: {shown(folder, path.name)} is not listed in {MANIFEST}\n"
-                f"verify would read it; {REFETCH_HINT}, or remove the file")
+                f"verify would read it; {REFETCH_HINT}, or remove the file", path=path)
     return names
 
 
@@ -118,12 +118,14 @@ def check_files(folder: Path, kind: str, manifest: dict[str, Any], warn: Warn) -
             if kind == "gguf":
                 continue
             raise TamperedBundleError(f"tampered bundle: {shown(folder, rel)} is listed in "
-                                      f"{MANIFEST} but missing\n{REFETCH_HINT}")
+                                      f"{MANIFEST} but missing\n{REFETCH_HINT}",
+                                      path=entry.path)
         size = entry.path.stat().st_size
         if size != entry.size:
             raise TamperedBundleError(
                 f"tampered bundle: {shown(folder, rel)} does not match {MANIFEST}\n"
-                f"{size} bytes, {MANIFEST} records {entry.size}; {REFETCH_HINT}")
+                f"{size} bytes, {MANIFEST} records {entry.size}; {REFETCH_HINT}",
+                path=entry.path)
         present.append(rel)
     hashed = [rel for rel in present if listed[rel].sha256 is not None]
     digests = sha256_sources(listed[rel].path for rel in hashed)
@@ -132,7 +134,8 @@ def check_files(folder: Path, kind: str, manifest: dict[str, Any], warn: Warn) -
         if actual != listed[rel].sha256:
             raise TamperedBundleError(
                 f"tampered bundle: {shown(folder, rel)} does not match {MANIFEST}\n"
-                f"sha256 {actual}, {MANIFEST} records {listed[rel].sha256}; {REFETCH_HINT}")
+                f"sha256 {actual}, {MANIFEST} records {listed[rel].sha256}; {REFETCH_HINT}",
+                path=listed[rel].path)
     unhashed = [rel for rel in present if listed[rel].sha256 is None]
     if unhashed:
         warn(f"warning: {folder}: {MANIFEST} records no sha256 for {len(unhashed)} files "
@@ -194,7 +197,7 @@ def check_bundle(folder: Path, kind: str, manifest: dict[str, Any], *, trust_cod
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             details = [d for _, d in problems[:1]] + [c for c, _ in problems[1:]]
             raise UntrustedCodeError(f"untrusted bundle code: {problems[0][0]}{more}\n"
-                                     + "\n".join([*details, TRUST_HINT]))
+                                     + "\n".join([*details, TRUST_HINT]), path=folder)
         if trust_code and problems:
             warn("warning: --trust-bundle-code: importing code mmconvert did not write: "
                  + "; ".join(c for c, _ in problems))

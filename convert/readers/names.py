@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from mmconvert.convert.config_values import shown
 from mmconvert.convert.tensors import Origin, TensorRef, stack_tensors
+from mmconvert.errors import CheckpointError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.)gate_up_proj\.weight$")
@@ -40,7 +42,12 @@ def unwrap_names(refs: dict[str, TensorRef], roots: tuple[str, ...]
     for name, ref in refs.items():
         clean, removed = strip_wrapper_prefixes(name, roots)
         if clean in out:
-            raise KeyError(f"{name!r} and another tensor both map to {clean!r}")
+            first = next(n for n, r in refs.items() if n != name and
+                         strip_wrapper_prefixes(n, roots)[0] == clean)
+            raise CheckpointError(
+                f"tensors {shown(first)} and {shown(name)} both become {shown(clean)} once the "
+                "wrapper prefixes (module., _orig_mod., ...) are stripped; keep one of them",
+                name=clean)
         out[clean] = ref.renamed(clean)
         for p in removed:
             if p not in seen:

@@ -25,7 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
-from mmconvert.convert.example import CHAT_TEMPLATE, QWEN2_SPLIT_REGEX, ExampleOptions
+from mmconvert.convert.example import CHAT_TEMPLATE, QWEN2_SPLIT_REGEX
+from testkit.checkpoints import ExampleOptions
 
 FORMAT_VERSION = 1
 QWEN_BPE_SIZE = 151_643
@@ -228,7 +229,10 @@ def write_qwen_vocab_checkpoint(out: str | Path, opts: ExampleOptions | None = N
     """The example checkpoint (small LM, seed layout) with Qwen3's real tokenizer instead of
     the toy one, and the embedding (and lm_head) resized to its 151 670 tokens, as the seed does
     after adding ``<|multimodal|>``. Special ids follow Qwen3's configs."""
-    from mmconvert.convert.example import _write_json, random_state_dict, text_config, write_weights
+    from testkit.checkpoints import moe_text_config as text_config
+    from testkit.checkpoints import variant_state_dict as random_state_dict
+    from testkit.checkpoints import write_json as _write_json
+    from testkit.checkpoints import write_weights
 
     opts = opts or ExampleOptions()
     if not opts.embed_text_config or not opts.resize_vocab:
