@@ -1,5 +1,6 @@
-"""The ``mmconvert`` command line. Each command lives in a small module of its own; this file
-holds the group, the options every command shares and the one-line error handling."""
+"""The ``mmconvert`` command line. Each command lives in a small module of its own
+(``mmconvert/commands/``, over :mod:`mmconvert.api`; the options they share in
+``commands/options.py``); this file holds the group and the one-line error handling."""
 
 from __future__ import annotations
 
@@ -13,53 +14,6 @@ import click
 
 from mmconvert import __version__
 from mmconvert.errors import MMConvertError
-
-
-def strict_option(fn: Callable) -> Callable:
-    """``--strict`` for the commands that write weights: they run under the NaN/Inf policy of
-    :mod:`mmconvert.formats.nonfinite` (a warning per tensor on stderr as the writers finish,
-    or a refusal with ``--strict``)."""
-
-    @functools.wraps(fn)
-    def under_nonfinite_policy(*args, strict: bool = False, **kwargs):
-        from mmconvert.formats.nonfinite import scanning
-
-        with scanning(strict, lambda line: click.echo(f"warning: {line}", err=True)):
-            return fn(*args, **kwargs)
-
-    return click.option("--strict", is_flag=True,
-                        help="Refuse (exit 2, nothing written) weights holding NaN or Inf, "
-                             "which are otherwise written with a warning per tensor.")(
-        under_nonfinite_policy)
-
-
-def source_options(fn: Callable) -> Callable:
-    """Options that say how to read the checkpoint (shared by every command that reads one)."""
-    fn = click.option("--rope-layout", type=click.Choice(["neox", "interleaved"]), default=None,
-                      help="Rope layout the source's Q/K were trained with (default: the "
-                           "checkpoint's flag, else neox as in HF Qwen3).")(fn)
-    fn = click.option("--projector-config", type=click.Path(path_type=Path, dir_okay=False),
-                      default=None, help="JSON config of --projector (modality_configs, ...).")(fn)
-    fn = click.option("--projector", type=click.Path(path_type=Path, dir_okay=False),
-                      default=None, help="Projector weights for a plain Qwen3 folder.")(fn)
-    fn = click.option("--base", type=click.Path(path_type=Path, file_okay=False), default=None,
-                      help="Base Qwen3 folder (config, tokenizer, generation config) when the "
-                           "checkpoint does not embed them.")(fn)
-    return fn
-
-
-def read_options(base, projector, projector_config, rope_layout):
-    from mmconvert.convert.readers import ReadOptions
-
-    return ReadOptions(base=base, projector=projector, projector_config=projector_config,
-                       rope_layout=rope_layout)
-
-
-def load_model(ckpt: Path, base=None, projector=None, projector_config=None, rope_layout=None):
-    from mmconvert.convert.readers import read_checkpoint
-
-    return read_checkpoint(ckpt, read_options(base, projector, projector_config, rope_layout))
-
 
 MAX_ERROR_LINE = 200  # the first line of an error; the rest goes on indented lines below it
 _LEADING_PATH = re.compile(r"^(/[^:\n]*?): ")
@@ -102,24 +56,30 @@ def os_error_message(exc: OSError) -> str:
     return f"{reason}: {where}" if where else f"{reason} ({exc})"
 
 
+def report_error(exc: MMConvertError | OSError | KeyboardInterrupt) -> int:
+    """Print the one ``error:`` line (further lines indented) for ``exc`` on stderr and return
+    the exit code: the error's own (2), 2 for the OS refusing a write, 130 for Ctrl-C."""
+    if isinstance(exc, MMConvertError):
+        click.echo(format_error(str(exc)), err=True)
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        # the machine refused (disk full, read-only, busy, permission): not a bug of ours
+        click.echo(format_error(os_error_message(exc)), err=True)
+        return 2
+    click.echo("interrupted: nothing was written under the output name", err=True)
+    return 130
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn :class:`MMConvertError` (and the OS refusing a write) into one ``error:`` line on
-    stderr and exit code 2; a message's further lines are printed indented below it."""
+    """Turn :class:`MMConvertError` (and the OS refusing a write, and Ctrl-C) into one
+    ``error:`` line on stderr and its exit code (:func:`report_error`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MMConvertError as exc:
-            click.echo(format_error(str(exc)), err=True)
-            sys.exit(exc.exit_code)
-        except OSError as exc:
-            # the machine refused (disk full, read-only, busy, permission): not a bug of ours
-            click.echo(format_error(os_error_message(exc)), err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written under the output name", err=True)
-            sys.exit(130)
+        except (MMConvertError, OSError, KeyboardInterrupt) as exc:
+            sys.exit(report_error(exc))
 
     return wrapper
 

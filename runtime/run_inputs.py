@@ -1,10 +1,10 @@
 """What ``mmconvert run`` needs before llama.cpp starts: the bundle's files, the embeddings
-file, the chat template and the prompt's placeholders."""
+file, the chat template, the prompt's placeholders and the context size."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +12,8 @@ import numpy as np
 
 from mmconvert.errors import BundleError, RunInputError
 from mmconvert.formats.bundle import read_manifest
+from mmconvert.formats.gguf_constants import PRECISION_ORDER
 
-# most precise first: the default text GGUF is the first of these the bundle has (F16 keeps
-# more mantissa than BF16; block types by bits per weight)
-PRECISION_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 _ITEM_NAME = re.compile(r"^(?P<modality>[A-Za-z0-9_-]+)(?:\.(?P<index>\d+))?$")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
@@ -65,6 +63,7 @@ def choose_files(folder: Path, text_gguf: str | None = None) -> BundleFiles:
 
 
 def _rank(quant: str) -> int:
+    """Most precise first (:data:`PRECISION_ORDER`): the default text GGUF is the first."""
     return PRECISION_ORDER.index(quant) if quant in PRECISION_ORDER else len(PRECISION_ORDER)
 
 
@@ -137,3 +136,67 @@ def render_chat(template: str | None, prompt: str, system: str | None = None,
     except ChatTemplateError as exc:
         raise RunInputError(f"--chat: the chat template failed: {exc.cause}\nin {source}") \
             from exc
+
+
+def build_prompt(model, projector, prompt: str, chat: bool, system: str | None,
+                 rows_per_item: Sequence[int], projected: np.ndarray | None,
+                 warn: Callable[[str], None]):
+    """(text as it runs, its token ids, the runs llama.cpp decodes) for ``model`` (a
+    :class:`~mmconvert.runtime.llama_runtime.TextModel`) and ``projector`` (a
+    :class:`~mmconvert.runtime.mmproj.ProjectorGGUF` or ``None``): the chat template applied
+    when ``chat``, placeholders expanded per item, ``projected`` rows fused in."""
+    from mmconvert.formats.gguf_constants import Keys
+    from mmconvert.runtime.llama_runtime import fused_runs
+
+    placeholder = placeholder_id(projector, model)
+    text = prompt
+    if chat:
+        meta = model.metadata
+        # templates may use bos_token / eos_token, as transformers passes them
+        special = {f"{kind}_token": model.token_text(meta[key]) for kind, key in
+                   (("bos", Keys.Tokenizer.BOS_ID), ("eos", Keys.Tokenizer.EOS_ID)) if key in meta}
+        text = render_chat(meta.get(Keys.Tokenizer.CHAT_TEMPLATE), prompt, system, special)
+    if placeholder is not None:
+        text = expand_placeholders(text, projector.placeholder_token, rows_per_item)
+    ids = model.tokenize(text)
+    if projected is None:
+        projected = np.zeros((0, model.n_embd), dtype=np.float32)
+        if placeholder is not None and placeholder in ids:
+            warn(f"the prompt has {ids.count(placeholder)} {projector.placeholder_token} but "
+                 "no --embeddings; they run as ordinary tokens")
+    try:
+        return text, ids, fused_runs(ids, placeholder, projected)
+    except ValueError as exc:
+        raise RunInputError(str(exc)) from exc
+
+
+def placeholder_id(projector, model) -> int | None:
+    """The placeholder id, checked against the text GGUF (and the projector's width too)."""
+    if projector is None:
+        return None
+    if projector.embedding_length != model.n_embd:
+        raise BundleError(f"{projector.path.name} projects to {projector.embedding_length} "
+                          f"values per row, {model.path.name} takes {model.n_embd}")
+    if projector.placeholder_id is None:
+        return None
+    ids = model.tokenize(projector.placeholder_token)
+    if ids != [projector.placeholder_id]:
+        raise BundleError(f"{projector.path.name}: placeholder {projector.placeholder_token} is "
+                          f"id {projector.placeholder_id}, but {model.path.name} tokenizes it "
+                          f"as {ids}; the two files are not from the same conversion")
+    return projector.placeholder_id
+
+
+def context_size(n_ctx: int | None, positions: int, max_tokens: int, n_ctx_train: int) -> int:
+    """``n_ctx`` checked to hold the prompt with room to generate; by default the prompt plus
+    ``max_tokens``, within the model's trained context."""
+    if n_ctx is None:
+        limit = n_ctx_train if n_ctx_train > 0 else positions + max_tokens + 1
+        n_ctx = min(positions + max(max_tokens, 1), limit)
+        where = f"the model's context length {limit}"
+    else:
+        where = f"--n-ctx {n_ctx}"
+    if positions >= n_ctx:
+        raise RunInputError(f"the prompt takes {positions} positions: it does not fit {where} "
+                            "with room to generate")
+    return n_ctx

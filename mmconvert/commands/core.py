@@ -1,4 +1,5 @@
-"""``example``, ``inspect`` and ``to-safetensors``."""
+"""``example``, ``inspect`` and ``to-safetensors``: options and printing over
+:mod:`mmconvert.api`."""
 
 from __future__ import annotations
 
@@ -7,25 +8,32 @@ from pathlib import Path
 
 import click
 
-from mmconvert.cli import load_model, source_options, strict_option, user_errors
-from mmconvert.commands.push import PushRequest, push_after_export, push_options
-from mmconvert.errors import OutputError
+from mmconvert.cli import user_errors
+from mmconvert.commands.options import (
+    PushRequest,
+    dry_run_option,
+    dtype_option,
+    echo_warning,
+    force_option,
+    out_option,
+    push_options,
+    size_arg,
+    source_options,
+    strict_option,
+)
+from mmconvert.commands.push import push_after_export
 
 
 @click.command("example")
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--force", is_flag=True,
-              help="Replace OUT if it holds an earlier mmconvert output (nothing else).")
+@force_option("output")
 @user_errors
 def example_cmd(out: Path, force: bool) -> None:
     """Write a tiny deterministic multimodal Qwen3 checkpoint (two modalities, real BPE
     tokenizer with the multimodal token) into OUT, to try every command without a download."""
-    from mmconvert.convert.example import write_example
-    from mmconvert.formats.bundle import BundleDir, write_marker_manifest
+    from mmconvert import api
 
-    with BundleDir(out, force) as tmp:
-        write_example(tmp)
-        write_marker_manifest(tmp, kind="example")  # ours: --force may replace it later
+    api.example(out, force=force)
     click.echo(f"wrote example checkpoint to {out}")
 
 
@@ -81,63 +89,47 @@ def _format_inspect(s: dict) -> str:
 @click.option("--fold-linear", is_flag=True,
               help="Show the plans as to-gguf/to-hf --fold-linear would make them.")
 @user_errors
-def inspect_cmd(ckpt: Path, base, projector, projector_config, rope_layout, as_json: bool,
-                fold_linear: bool) -> None:
+def inspect_cmd(ckpt: Path, read: dict, as_json: bool, fold_linear: bool) -> None:
     """Describe a checkpoint: dialect, Qwen3 text spec, modalities, special ids and where each
     came from, dtypes, parameter counts, warnings, and every transform each export (gguf, hf,
     safetensors) would apply. Reads headers only."""
-    from mmconvert.convert.plan_summary import planned_transforms
+    from mmconvert import api
 
-    model = load_model(ckpt, base, projector, projector_config, rope_layout)
-    summary = model.summary()
-    summary["plans"] = planned_transforms(model, fold_linear)
-    summary["fold_linear"] = fold_linear
+    summary = api.inspect(ckpt, fold_linear=fold_linear, **read)
     click.echo(json.dumps(summary, indent=2) if as_json else _format_inspect(summary))
 
 
 @click.command("to-safetensors")
 @click.argument("ckpt", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Output folder [default: <ckpt>-safetensors].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True, help="Cast floating tensors (auto keeps them).")
+@out_option("safetensors")
+@dtype_option("Cast floating tensors (auto keeps them).")
 @click.option("--naming", type=click.Choice(["source", "hf"]), default="source", show_default=True,
               help="source: the checkpoint's own names (loads back into the training code); "
                    "hf: the HF bundle's names.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Shard size limit.")
 @source_options
 @strict_option
-@click.option("--force", is_flag=True,
-              help="Replace OUT if it holds an earlier mmconvert bundle (nothing else).")
-@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@force_option()
+@dry_run_option()
 @push_options
 @user_errors
-def to_safetensors_cmd(ckpt: Path, out, dtype, naming, max_shard_size, base, projector,
-                       projector_config, rope_layout, force, dry_run, push: PushRequest) -> None:
+def to_safetensors_cmd(ckpt: Path, out: Path | None, dtype: str, naming: str,
+                       max_shard_size: str, read: dict, strict: bool, force: bool,
+                       dry_run: bool, push: PushRequest) -> None:
     """Write every tensor (language model and projectors) as sharded safetensors with an
     index. Pickled inputs become safetensors without executing anything; tied tensors are
     written once."""
-    from mmconvert.convert.export_safetensors import export_safetensors
-    from mmconvert.convert.plan_safetensors import plan_safetensors
-    from mmconvert.formats.bundle import named_inputs
-    from mmconvert.formats.safetensors_writer import parse_size
+    from mmconvert import api
 
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise OutputError(f"--max-shard-size: {exc}") from exc
-    model = load_model(ckpt, base, projector, projector_config, rope_layout)
+    result = api.to_safetensors(ckpt, out, dtype=dtype, naming=naming,
+                                max_shard_size=size_arg("--max-shard-size", max_shard_size),
+                                force=force, strict=strict, dry_run=dry_run,
+                                warn=echo_warning, **read)
     if dry_run:
-        click.echo(plan_safetensors(model, naming, dtype).describe())
+        click.echo(result.plan)
         return
-    if out is None:  # beside the checkpoint, also when CKPT is spelt `.`
-        source = ckpt.resolve()
-        out = source.parent / f"{source.name}-safetensors"
-    files = export_safetensors(model, out, naming=naming, dtype=dtype, max_shard_bytes=shard_bytes,
-                               force=force,
-                               inputs=named_inputs(ckpt, base, projector, projector_config))
-    click.echo(f"wrote {len(files)} files to {out}")
-    push_after_export(out, push)
+    click.echo(f"wrote {len(result.files)} files to {result.out}")
+    push_after_export(result.out, push)
 
 
 COMMANDS = [example_cmd, inspect_cmd, to_safetensors_cmd]

@@ -1,4 +1,5 @@
-"""``push``: publish a bundle folder on the Hugging Face Hub; ``--push-to`` on converting commands.
+"""``push``: publish a bundle folder on the Hugging Face Hub; what ``--push-to`` and
+``--verify`` do after a converting command wrote its bundle.
 
 A converting command gets export-verify-push in two lines::
 
@@ -11,44 +12,25 @@ A converting command gets export-verify-push in two lines::
         ...                  # write the bundle to `out`
         push_after_export(out, push)
 
-``push_options`` hands the command one ``push`` argument instead of five, and records the
-command's ``ckpt`` and source options so that ``--verify`` checks the new bundle against the
-same checkpoint before anything is uploaded.
+``push_options`` (``commands/options.py``) hands the command one ``push`` argument instead
+of five, and records the command's ``ckpt`` and read options so that ``--verify`` checks the
+new bundle against the same checkpoint (:func:`mmconvert.api.verify`) before any upload.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from mmconvert.commands.options import PushRequest, check_repo_id, echo_err, token_option
 from mmconvert.publish.bundle_summary import VERIFY_JSON, VERIFY_MARKDOWN
 
 if TYPE_CHECKING:  # huggingface_hub is imported only when a push actually happens
     from mmconvert.publish.hub import PushResult
-
-TOKEN_HELP = ("Hugging Face token [default: HF_TOKEN, else the `hf auth login` token]. Prefer "
-              "those: a token on the command line shows in shell history and `ps`.")
-# source options of the converting commands, forwarded to `verify` as the same flags
-_SOURCE_FLAGS = {"base": "--base", "projector": "--projector",
-                 "projector_config": "--projector-config", "rope_layout": "--rope-layout"}
-
-
-@dataclass(frozen=True)
-class PushRequest:
-    """What ``--push-to`` and friends asked for (``repo`` is None: only ``--verify``, if set)."""
-
-    repo: str | None = None
-    private: bool = False
-    create_pr: bool = False
-    token: str | None = None
-    verify: bool = False
-    ckpt: Path | None = None
-    source_args: tuple[str, ...] = ()
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -65,61 +47,6 @@ def _user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _check_repo_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if value is None:
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError as exc:
-        raise click.BadParameter(str(exc).splitlines()[0]) from None
-    if value.count("/") != 1:
-        raise click.BadParameter(f"{value!r}: expected OWNER/NAME")
-    return value
-
-
-def _token_option(name: str) -> Callable:
-    return click.option("--token", name, default=None, metavar="TOKEN", help=TOKEN_HELP)
-
-
-def push_options(fn: Callable) -> Callable:
-    """Add ``--push-to OWNER/NAME``, ``--private``, ``--create-pr``, ``--token`` and ``--verify``
-    to a converting command; it receives them as one ``push: PushRequest`` keyword."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, push_to: str | None, push_private: bool, push_create_pr: bool,
-                push_token: str | None, push_verify: bool, **kwargs: Any) -> Any:
-        source_args: list[str] = []
-        for key, flag in _SOURCE_FLAGS.items():
-            if kwargs.get(key) is not None:
-                source_args += [flag, str(kwargs[key])]
-        request = PushRequest(push_to, push_private, push_create_pr, push_token, push_verify,
-                              kwargs.get("ckpt"), tuple(source_args))
-        if push_to is None and (push_private or push_create_pr or push_token):
-            raise click.UsageError("--private, --create-pr and --token need --push-to")
-        return fn(*args, push=request, **kwargs)
-
-    options = [
-        click.option("--push-to", "push_to", metavar="OWNER/NAME", default=None,
-                     callback=_check_repo_id,
-                     help="After writing, push the bundle to this Hub repo (created if missing)."),
-        click.option("--private", "push_private", is_flag=True,
-                     help="With --push-to: create the repo private."),
-        click.option("--create-pr", "push_create_pr", is_flag=True,
-                     help="With --push-to: open a pull request instead of committing to main."),
-        _token_option("push_token"),
-        click.option("--verify", "push_verify", is_flag=True,
-                     help=f"Verify the bundle against CKPT (writes {VERIFY_MARKDOWN} and "
-                          f"{VERIFY_JSON} into it, shown on the model card); nothing is pushed "
-                          "if it fails."),
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
-
 def push_after_export(bundle: Path, request: PushRequest | None, *,
                       echo: Callable[[str], None] = click.echo) -> PushResult | None:
     """Run after a converting command wrote ``bundle``: verify when asked (exit with verify's
@@ -129,7 +56,7 @@ def push_after_export(bundle: Path, request: PushRequest | None, *,
     if request.verify:
         if request.ckpt is None:
             raise click.UsageError("--verify needs the command's CKPT argument")
-        code = run_verify(request.ckpt, Path(bundle), request.source_args)
+        code = run_verify(request.ckpt, Path(bundle), request.read)
         if code:
             echo(f"verify failed (exit {code}): {bundle} was not pushed" if request.repo
                  else f"verify failed (exit {code})")
@@ -140,23 +67,24 @@ def push_after_export(bundle: Path, request: PushRequest | None, *,
                            private=request.private, create_pr=request.create_pr, echo=echo)
 
 
-def run_verify(ckpt: Path, bundle: Path, source_args: Sequence[str] = ()) -> int:
-    """``mmconvert verify CKPT BUNDLE --markdown ... --report-json ...`` in this process; its
-    exit code (0 pass, 1 parity failure, 2 usage or input error)."""
-    from mmconvert.cli import main
+def run_verify(ckpt: Path, bundle: Path, read: Sequence[tuple[str, Any]] = ()) -> int:
+    """:func:`mmconvert.api.verify` of ``bundle`` against ``ckpt`` (``read``: the read options
+    as (name, value) pairs), printed as ``mmconvert verify`` prints it, with its reports written
+    into the bundle; the exit code ``verify`` would give (0 pass, 1 parity failure, 2 usage or
+    input error, its one ``error:`` line printed)."""
+    from mmconvert import api
+    from mmconvert.cli import report_error
+    from mmconvert.errors import MMConvertError
+    from mmconvert.verify.report import terminal_report
 
-    args = ["verify", str(ckpt), str(bundle), *source_args,
-            "--markdown", str(bundle / VERIFY_MARKDOWN), "--report-json", str(bundle / VERIFY_JSON)]
     try:
-        result = main.main(args=args, prog_name="mmconvert", standalone_mode=False)
-    except SystemExit as exc:  # the command's own sys.exit (user_errors, verdicts)
-        return exc.code if isinstance(exc.code, int) else 1
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    return result if isinstance(result, int) else 0
+        result = api.verify(ckpt, [bundle], markdown=bundle / VERIFY_MARKDOWN,
+                            report_json=bundle / VERIFY_JSON, log=echo_err, warn=echo_err,
+                            **dict(read))
+    except (MMConvertError, OSError) as exc:
+        return report_error(exc)
+    click.echo(terminal_report(result))
+    return 0 if result.passed else 1
 
 
 def push_and_report(bundle: Path, repo: str, *, token: str | None = None, private: bool = False,
@@ -164,11 +92,11 @@ def push_and_report(bundle: Path, repo: str, *, token: str | None = None, privat
                     commit_message: str | None = None,
                     echo: Callable[[str], None] = click.echo) -> PushResult:
     """Push and print one summary line (progress notes go to stderr)."""
-    from mmconvert.publish.hub import hub_endpoint, push_bundle
+    from mmconvert import api
+    from mmconvert.publish.hub import hub_endpoint
 
-    result = push_bundle(bundle, repo, token=token, private=private, revision=revision,
-                         create_pr=create_pr, commit_message=commit_message,
-                         log=lambda msg: click.echo(msg, err=True))
+    result = api.push(bundle, repo, token=token, private=private, revision=revision,
+                      create_pr=create_pr, commit_message=commit_message, log=echo_err)
     where = f"{hub_endpoint()}/{repo}" + (f" ({revision})" if revision else "")
     if not result.changed:
         echo(f"{where} already has these {result.files} files; nothing to commit")
@@ -181,7 +109,7 @@ def push_and_report(bundle: Path, repo: str, *, token: str | None = None, privat
 
 @click.command("push")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--repo", required=True, metavar="OWNER/NAME", callback=_check_repo_id,
+@click.option("--repo", required=True, metavar="OWNER/NAME", callback=check_repo_id,
               help="Hub repo to push to; created when missing (not with --revision).")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps "
                                                "its visibility).")
@@ -191,7 +119,7 @@ def push_and_report(bundle: Path, repo: str, *, token: str | None = None, privat
               help="Open a pull request (against --revision, else main) instead of committing.")
 @click.option("--commit-message", default=None, help="Commit title [default: Upload <kind> "
                                                      "bundle with mmconvert].")
-@_token_option("token")
+@token_option("token")
 @_user_errors
 def push_cmd(bundle: Path, repo: str, private: bool, revision: str | None, create_pr: bool,
              commit_message: str | None, token: str | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from mmconvert.cli import user_errors
+from mmconvert.commands.options import echo_warning
 
 DEFAULT_TOP_K = 40  # llama.cpp's defaults, when the GGUF has no general.sampling.* keys
 DEFAULT_TOP_P = 0.95
@@ -71,7 +72,13 @@ def run_cmd(out: Path, prompt: str, embeddings: Path | None, max_tokens: int, te
     """
     from mmconvert.runtime.llama_runtime import TextModel, TextStream
     from mmconvert.runtime.mmproj import read_projector_gguf
-    from mmconvert.runtime.run_inputs import RunInputError, choose_files, load_embeddings
+    from mmconvert.runtime.run_inputs import (
+        RunInputError,
+        build_prompt,
+        choose_files,
+        context_size,
+        load_embeddings,
+    )
 
     if system is not None and not chat:
         raise RunInputError("--system is a chat turn: add --chat")
@@ -85,10 +92,10 @@ def run_cmd(out: Path, prompt: str, embeddings: Path | None, max_tokens: int, te
     rows_per_item = projector.rows_per_item(items) if projector else []
     projected = projector.project(items) if projector and items else None
     with TextModel(files.text, n_threads=threads) as model:
-        text, ids, runs = _prompt(model, projector, prompt, chat, system, rows_per_item,
-                                  projected)
+        text, ids, runs = build_prompt(model, projector, prompt, chat, system, rows_per_item,
+                                       projected, warn=echo_warning)
         positions = sum(len(v) for _, v in runs)
-        n_ctx = _context_size(n_ctx, positions, max_tokens, model.n_ctx_train)
+        n_ctx = context_size(n_ctx, positions, max_tokens, model.n_ctx_train)
         sampling = _sampling(model, temp, top_k, top_p, seed)
         click.echo(f"{files.text.name}: {positions} prompt positions ({sum(rows_per_item)} "
                    f"projected rows), context {n_ctx}, "
@@ -109,80 +116,16 @@ def run_cmd(out: Path, prompt: str, embeddings: Path | None, max_tokens: int, te
     _report(result, stop_text)
 
 
-def _prompt(model, projector, prompt: str, chat: bool, system: str | None,
-            rows_per_item: list[int], projected):
-    """(text as it runs, its token ids, the runs llama.cpp decodes)."""
-    import numpy as np
-
-    from mmconvert.runtime.llama_runtime import fused_runs
-    from mmconvert.runtime.run_inputs import RunInputError, expand_placeholders, render_chat
-
-    placeholder = _placeholder(projector, model)
-    text = prompt
-    if chat:
-        meta = model.metadata
-        # templates may use bos_token / eos_token, as transformers passes them
-        special = {f"{kind}_token": model.token_text(meta[f"tokenizer.ggml.{kind}_token_id"])
-                   for kind in ("bos", "eos") if f"tokenizer.ggml.{kind}_token_id" in meta}
-        text = render_chat(meta.get("tokenizer.chat_template"), prompt, system, special)
-    if placeholder is not None:
-        text = expand_placeholders(text, projector.placeholder_token, rows_per_item)
-    ids = model.tokenize(text)
-    if projected is None:
-        projected = np.zeros((0, model.n_embd), dtype=np.float32)
-        if placeholder is not None and placeholder in ids:
-            click.echo(f"warning: the prompt has {ids.count(placeholder)} "
-                       f"{projector.placeholder_token} but no --embeddings; they run as "
-                       "ordinary tokens", err=True)
-    try:
-        return text, ids, fused_runs(ids, placeholder, projected)
-    except ValueError as exc:
-        raise RunInputError(str(exc)) from exc
-
-
-def _placeholder(projector, model) -> int | None:
-    """The placeholder id, checked against the text GGUF (and the projector's width too)."""
-    from mmconvert.errors import BundleError
-
-    if projector is None:
-        return None
-    if projector.embedding_length != model.n_embd:
-        raise BundleError(f"{projector.path.name} projects to {projector.embedding_length} "
-                          f"values per row, {model.path.name} takes {model.n_embd}")
-    if projector.placeholder_id is None:
-        return None
-    ids = model.tokenize(projector.placeholder_token)
-    if ids != [projector.placeholder_id]:
-        raise BundleError(f"{projector.path.name}: placeholder {projector.placeholder_token} is "
-                          f"id {projector.placeholder_id}, but {model.path.name} tokenizes it "
-                          f"as {ids}; the two files are not from the same conversion")
-    return projector.placeholder_id
-
-
-def _context_size(n_ctx: int | None, positions: int, max_tokens: int, n_ctx_train: int) -> int:
-    from mmconvert.runtime.run_inputs import RunInputError
-
-    if n_ctx is None:
-        limit = n_ctx_train if n_ctx_train > 0 else positions + max_tokens + 1
-        n_ctx = min(positions + max(max_tokens, 1), limit)
-        where = f"the model's context length {limit}"
-    else:
-        where = f"--n-ctx {n_ctx}"
-    if positions >= n_ctx:
-        raise RunInputError(f"the prompt takes {positions} positions: it does not fit {where} "
-                            "with room to generate")
-    return n_ctx
-
-
 def _sampling(model, temp: float, top_k: int | None, top_p: float | None, seed: int | None):
+    from mmconvert.formats.gguf_constants import Keys
     from mmconvert.runtime.llama_runtime import Sampling
 
     defaults = model.metadata
     return Sampling(
         temp=temp,
-        top_k=top_k if top_k is not None else int(defaults.get("general.sampling.top_k",
+        top_k=top_k if top_k is not None else int(defaults.get(Keys.General.SAMPLING_TOP_K,
                                                                DEFAULT_TOP_K)),
-        top_p=top_p if top_p is not None else float(defaults.get("general.sampling.top_p",
+        top_p=top_p if top_p is not None else float(defaults.get(Keys.General.SAMPLING_TOP_P,
                                                                  DEFAULT_TOP_P)),
         seed=seed)
 

@@ -1,4 +1,5 @@
-"""``mmconvert verify``: logit parity of bundles against their source checkpoint."""
+"""``mmconvert verify``: logit parity of bundles against their source checkpoint (options,
+the terminal report and the exit code over :func:`mmconvert.api.verify`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from pathlib import Path
 
 import click
 
-from mmconvert.cli import load_model, source_options, user_errors
-from mmconvert.errors import UsageError
-
-BACKENDS = ("safetensors", "hf", "gguf_torch", "gguf_llama")
+from mmconvert.api import BACKENDS
+from mmconvert.cli import user_errors
+from mmconvert.commands.options import echo_err, source_options
 
 
 @click.command("verify")
@@ -52,8 +52,8 @@ BACKENDS = ("safetensors", "hf", "gguf_torch", "gguf_llama")
 def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, cases_opt: str,
                greedy_tokens: int, thresholds: tuple[str, ...], backends: tuple[str, ...],
                save_reference: Path | None, reference: Path | None, report_json: Path | None,
-               junit: Path | None, markdown: Path | None, trust_bundle_code: bool, base,
-               projector, projector_config, rope_layout, quiet: bool) -> None:
+               junit: Path | None, markdown: Path | None, trust_bundle_code: bool, read: dict,
+               quiet: bool) -> None:
     """Check that each BUNDLE (a folder written by to-hf, to-safetensors or to-gguf; its kind
     is read from mmconvert.json) computes the same logits as the checkpoint CKPT.
 
@@ -75,66 +75,18 @@ def verify_cmd(ckpt: Path, bundles: tuple[Path, ...], device: str, dtype: str, c
       mmconvert verify ckpt/ --save-reference ref.safetensors      # on a GPU box
       mmconvert verify ckpt/ out-gguf/ --reference ref.safetensors --junit verify.xml
     """
-    import torch
+    from mmconvert import api
+    from mmconvert.verify.report import terminal_report
 
-    from mmconvert.verify import golden, report
-    from mmconvert.verify.cases import default_cases, load_cases_file
-    from mmconvert.verify.harness import discover_all, run_reference, verify_bundles
-    from mmconvert.verify.reference import resolve_device
-    from mmconvert.verify.thresholds import parse_override
-
-    if not bundles and not save_reference:
-        raise UsageError("nothing to do: give at least one BUNDLE, or --save-reference FILE")
-    if reference and save_reference:
-        raise UsageError("--reference and --save-reference exclude each other")
-    if reference and cases_opt != "default":
-        raise UsageError("--cases cannot be used with --reference: the reference file "
-                         "carries its own cases")
-    overrides = [parse_override(t) for t in thresholds]
-
-    def log(message: str) -> None:
-        if not quiet:
-            click.echo(message, err=True)
-
-    try:
-        device = resolve_device(device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    torch_dtype = getattr(torch, dtype)
-    model = load_model(ckpt, base, projector, projector_config, rope_layout)
-    # then the bundles: a tampered one is refused before minutes of reference forward passes
-    targets = discover_all(list(bundles), backends, trust_code=trust_bundle_code,
-                           warn=lambda line: click.echo(line, err=True))
-    # the cases next (they render the chat template): every refusal comes before any progress
-    if not reference:
-        if cases_opt == "default":
-            cases = default_cases(model, generate=greedy_tokens)
-        else:
-            cases = load_cases_file(Path(cases_opt), model, greedy_tokens)
-    log(f"hashing the checkpoint's source files ({len(golden.source_files(model))})")
-    content_hash, files = golden.checkpoint_hash(model)
-    if reference:
-        ref = golden.load_reference(reference, model, content_hash, files)
-        torch_dtype = getattr(torch, ref.dtype)
-        log(f"reference: {reference} ({len(ref.cases)} cases, made on {ref.device}, "
-            f"{ref.dtype})")
-    else:
-        ref = run_reference(model, cases, device, torch_dtype, log)
-        log(f"reference: {len(cases)} cases in {ref.seconds:.2f}s")
-    if save_reference:
-        golden.save_reference(save_reference, ref, content_hash, files)
-        log(f"saved reference to {save_reference}")
+    result = api.verify(ckpt, bundles, device=device, dtype=dtype, cases=cases_opt,
+                        greedy_tokens=greedy_tokens, thresholds=thresholds, backends=backends,
+                        reference=reference, save_reference=save_reference,
+                        report_json=report_json, junit=junit, markdown=markdown,
+                        trust_bundle_code=trust_bundle_code, log=None if quiet else echo_err,
+                        warn=echo_err, **read)
     if not bundles:
         return
-    result = verify_bundles(model, targets, ref, content_hash, device, torch_dtype,
-                            overrides, log)
-    click.echo(report.terminal_report(result))
-    if report_json:
-        report.write_json(result, report_json)
-    if junit:
-        report.write_junit(result, junit)
-    if markdown:
-        report.write_markdown(result, markdown)
+    click.echo(terminal_report(result))
     sys.exit(0 if result.passed else 1)
 
 
