@@ -26,14 +26,13 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mmconvert import __version__
 from mmconvert.errors import OutputError
 from mmconvert.formats.bundle_lock import BundleLock
-from mmconvert.formats.hashing import sha256_file, sha256_sources
+from mmconvert.formats.hashing import sha256_file, sha256_files, sha256_sources
 
 MANIFEST = "mmconvert.json"
 HASH_CHECKED_BYTES = 1 << 20  # files up to this size must match their recorded sha256 too
@@ -41,13 +40,6 @@ NAMED_FILES = 3  # foreign files named in a refusal
 
 Input = tuple[str, Path]  # (what it is, e.g. "checkpoint", its path as given)
 Listing = dict[str, tuple]  # relative path -> (kind, size, mtime_ns, inode)
-
-
-def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
-    """sha256 of several files, hashed in parallel (hashlib releases the GIL)."""
-    paths = list(paths)
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        return dict(zip((str(p) for p in paths), pool.map(sha256_file, paths)))
 
 
 def named_inputs(checkpoint: Path | None = None, base: Path | None = None,
@@ -370,6 +362,20 @@ def write_manifest(folder: Path, *, kind: str, model, options: dict[str, Any],
         manifest.update(extra)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def add_output(folder: Path, rel: str) -> None:
+    """List file ``rel`` of ``folder`` (written after the manifest, e.g. the model card) in
+    ``mmconvert.json``, hashed like the other outputs (sizes only under ``--no-checksums``)."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    outputs = [o for o in manifest["outputs"] if o.get("path") != rel]
+    hashed = any(o.get("sha256") for o in outputs)
+    written = Path(folder) / rel
+    outputs.append({"path": rel, "sha256": sha256_file(written) if hashed else None,
+                    "bytes": written.stat().st_size})
+    manifest["outputs"] = sorted(outputs, key=lambda o: Path(o["path"]))
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

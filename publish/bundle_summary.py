@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmconvert.errors import BundleError
 from mmconvert.formats.bundle import MANIFEST, read_manifest
+
+if TYPE_CHECKING:  # gguf-py is imported only for a bundle with GGUF files
+    from mmconvert.formats.gguf_reader import GGUFReader
 
 KINDS = ("hf", "safetensors", "gguf")
 CARD = "README.md"
@@ -41,6 +43,7 @@ class Modality:
     name: str
     input_dim: int | None
     output_dim: int | None = None
+    layers: tuple[str, ...] = ()  # each layer as a card shows it (:func:`layer_label`)
 
 
 @dataclass(frozen=True)
@@ -112,38 +115,45 @@ def summarize_bundle(folder: Path) -> BundleSummary:
     """Read the bundle at ``folder`` (manifest, files, modalities, verify report)."""
     folder = Path(folder)
     manifest = load_manifest(folder)
+    rels = bundle_files(folder)
+    ggufs = {rel: _open_gguf(folder / rel) for rel in rels if rel.suffix == ".gguf"}  # once each
     files = [BundleFile(rel.as_posix(), (folder / rel).stat().st_size,
-                        gguf_quant_type(folder / rel) if rel.suffix == ".gguf" else None)
-             for rel in bundle_files(folder)]
-    return BundleSummary(folder, manifest, files, _modalities(folder, manifest),
+                        gguf_quant_type(ggufs[rel]) if rel in ggufs else None) for rel in rels]
+    return BundleSummary(folder, manifest, files, _modalities(folder, manifest, ggufs),
                          _parity_markdown(folder))
 
 
-def gguf_quant_type(path: Path) -> str | None:
-    """``general.file_type`` as llama.cpp names it (``Q8_0``); else the dominant tensor type."""
-    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+def _open_gguf(path: Path) -> GGUFReader:
+    from mmconvert.formats.gguf_reader import GGUFReader
 
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: not a readable GGUF file ({exc})") from exc
-    field_ = reader.get_field("general.file_type")
-    if field_ is not None:
-        try:
-            name = LlamaFileType(int(field_.contents())).name
-            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass  # a file type this gguf version does not know: fall back to the tensors
+        raise BundleError(f"{path}: not a readable GGUF file ({exc})", path=path) from exc
+
+
+def gguf_quant_type(reader: GGUFReader) -> str | None:
+    """``general.file_type`` as llama.cpp names it (``Q8_0``); else the dominant tensor type."""
+    from mmconvert.formats.gguf_constants import Keys, file_type_name
+
+    ftype = reader.value(Keys.General.FILE_TYPE)
+    # None: a file type this gguf version does not know: fall back to the tensors
+    name = file_type_name(ftype) if ftype is not None else None
+    if name is not None:
+        return name
     sizes: dict[str, int] = {}
-    for tensor in reader.tensors:
-        name = GGMLQuantizationType(tensor.tensor_type).name
-        sizes[name] = sizes.get(name, 0) + int(tensor.n_bytes)
+    for tensor in reader.tensors.values():
+        sizes[tensor.type_name] = sizes.get(tensor.type_name, 0) + tensor.nbytes
     return max(sizes, key=sizes.__getitem__) if sizes else None
 
 
-def _modalities(folder: Path, manifest: dict[str, Any]) -> list[Modality]:
-    """First source that knows: the manifest, the bundle's config.json, the projector GGUF's
-    keys, tensor shapes."""
+def _modalities(folder: Path, manifest: dict[str, Any], ggufs: dict[Path, GGUFReader]
+                ) -> list[Modality]:
+    """First source that knows: the projector GGUF's keys (they carry the layers), the
+    manifest, the bundle's config.json, tensor shapes."""
+    for reader in ggufs.values():
+        if found := _modalities_from_mmproj(reader):
+            return found
     declared = manifest.get("modalities")
     if isinstance(declared, dict):
         declared = [{"name": k, **v} for k, v in declared.items() if isinstance(v, dict)]
@@ -158,37 +168,32 @@ def _modalities(folder: Path, manifest: dict[str, Any]) -> list[Modality]:
             found = []
         if found:
             return found
-    for path in sorted(folder.glob("*.gguf")):
-        if found := _modalities_from_mmproj(path):
-            return found
-    return _modalities_from_shapes(folder, manifest)
+    return _modalities_from_shapes(folder, manifest, ggufs)
 
 
-def _modalities_from_mmproj(path: Path) -> list[Modality]:
-    """The projector GGUF's own keys (``docs/gguf-projector.md``), in fusion order."""
-    from gguf import GGUFReader
+def _modalities_from_mmproj(reader: GGUFReader) -> list[Modality]:
+    """The projector GGUF's own keys (``docs/gguf-projector.md``), in fusion order; nothing
+    for another GGUF or one that breaks the spec."""
+    from mmconvert.errors import ProjectorFileError
+    from mmconvert.formats.gguf_projector import is_projector, read_projector_spec
 
+    if not is_projector(reader):
+        return []
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError):
+        spec = read_projector_spec(reader)
+    except ProjectorFileError:
         return []
-
-    def value(key: str) -> Any:
-        found = reader.get_field(key)
-        return None if found is None else found.contents()
-
-    arch = value("general.architecture")
-    names = value(f"{arch}.modalities") if arch else None
-    if not isinstance(names, list):
-        return []
-    return [Modality(n, value(f"{arch}.{n}.input_dim"), value(f"{arch}.{n}.output_dim"))
-            for n in names]
+    return [Modality(m.name, m.input_dim, m.output_dim,
+                     tuple(layer_label(x.kind, x.in_dim, x.out_dim, x.activation,
+                                       x.gate == "1-tanh") for x in m.layers))
+            for m in spec.modalities.values()]
 
 
 def _modalities_from_config(cfg: dict[str, Any]) -> list[Modality]:
     mm = cfg.get("multimodal_config")  # the HF bundle's projector description
     if isinstance(mm, dict) and isinstance(mm.get("modalities"), list):
-        return [Modality(m["name"], m.get("input_dim"), m.get("output_dim"))
+        return [Modality(m["name"], m.get("input_dim"), m.get("output_dim"),
+                         _config_layers(m.get("layers")))
                 for m in mm["modalities"] if isinstance(m, dict) and "name" in m]
     configs = cfg.get("modality_configs")  # the seed's config (safetensors, source naming)
     if isinstance(configs, dict):
@@ -198,13 +203,37 @@ def _modalities_from_config(cfg: dict[str, Any]) -> list[Modality]:
     return []
 
 
-def _modalities_from_shapes(folder: Path, manifest: dict[str, Any]) -> list[Modality]:
+def _config_layers(layers: Any) -> tuple[str, ...]:
+    """The HF bundle's layer list (``docs/hf-bundle.md``) as the card shows it."""
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        return ()
+    return tuple(layer_label(x.get("kind", "?"), x.get("in_dim", x.get("dim")),
+                             x.get("out_dim", x.get("dim")), x.get("activation") or "",
+                             bool(x.get("complementary"))) for x in layers)
+
+
+def layer_label(kind: str, in_dim: int | None, out_dim: int | None, activation: str = "",
+                complementary: bool = False) -> str:
+    """One projector layer for a model card: ``Linear(48→64)``, ``LayerNorm``, ``gelu``..."""
+    if kind == "linear":
+        return f"Linear({in_dim}→{out_dim})"
+    if kind == "layer_norm":
+        return "LayerNorm"
+    if kind == "glu":
+        return f"{activation}(gate)·up ({in_dim}→{out_dim})"
+    if kind in ("tanh_gate", "scale"):
+        return "(1 − tanh g)·x" if complementary else "tanh(g)·x"
+    return activation or kind
+
+
+def _modalities_from_shapes(folder: Path, manifest: dict[str, Any],
+                            ggufs: dict[Path, GGUFReader]) -> list[Modality]:
     """Projector weight shapes: safetensors headers (``[out, in]``) or GGUF tensor infos."""
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(folder.glob("*.safetensors")):
         shapes.update(_safetensors_shapes(path))
-    for path in sorted(folder.glob("*.gguf")):
-        shapes.update(_gguf_shapes(path))
+    for reader in ggufs.values():  # tensor infos hold numpy order already
+        shapes.update({name: t.shape for name, t in reader.tensors.items()})
     canonical = manifest.get("tensors") or {}  # output name -> canonical name
     names = list(canonical) + [n for n in shapes if n not in canonical]
     dims: dict[str, dict[str, int]] = {}
@@ -220,25 +249,16 @@ def _modalities_from_shapes(folder: Path, manifest: dict[str, Any]) -> list[Moda
     return [Modality(n, d.get("input_dim"), d.get("output_dim")) for n, d in dims.items()]
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error):
-        return {}
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-
-
-def _gguf_shapes(path: Path) -> dict[str, list[int]]:
-    from gguf import GGUFReader
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the header, read by the one (strict) safetensors parser."""
+    from mmconvert.errors import MMConvertError
+    from mmconvert.formats.safetensors_io import read_safetensors_header
 
     try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError):
+        entries, _ = read_safetensors_header(path)
+    except MMConvertError:  # unreadable or not convertible: no shapes from this file
         return {}
-    # GGUF lists dimensions innermost first: reverse to numpy's [out, in]
-    return {t.name: [int(d) for d in reversed(t.shape.tolist())] for t in reader.tensors}
+    return {name: entry.shape for name, entry in entries.items()}
 
 
 def _parity_markdown(folder: Path) -> str | None:

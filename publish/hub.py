@@ -37,9 +37,10 @@ from mmconvert.errors import (
     HubPermissionError,
     HubRepoNotFoundError,
     MMConvertError,
+    UsageError,
 )
 from mmconvert.publish.bundle_summary import CARD, BundleSummary, bundle_files, summarize_bundle
-from mmconvert.publish.model_card import BEGIN, CardError, merge_card
+from mmconvert.publish.model_card import CardError, merge_card
 
 if TYPE_CHECKING:  # imported lazily: huggingface_hub costs CLI start-up time
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -58,6 +59,22 @@ class PushResult:
     created_repo: bool
     changed: bool  # False: every file was already there, byte for byte (no commit, no PR)
     files: int  # files pushed, the card included
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` when it is a Hub repo id ``OWNER/NAME`` (huggingface_hub's rules: letters,
+    digits, ``-_.``, at most 96 characters, ...); :class:`UsageError` saying why otherwise.
+    The one check of a repo id, for ``push --repo``, ``--push-to`` and :func:`push_bundle`."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(str(exc).splitlines()[0], name=repo_id) from None
+    if repo_id.count("/") != 1:
+        raise UsageError(f"{repo_id!r}: expected OWNER/NAME", name=repo_id)
+    return repo_id
 
 
 def hub_endpoint() -> str:
@@ -98,11 +115,10 @@ def push_bundle(folder: Path, repo_id: str, *, token: str | None = None, private
     act on, and :class:`BundleError` before any network call when ``folder`` is not a bundle.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import validate_repo_id
 
     log = log or (lambda _msg: None)
     summary = summarize_bundle(Path(folder))
-    validate_repo_id(repo_id)  # HFValidationError (a ValueError) on a malformed id
+    check_repo_id(repo_id)  # a UsageError (a ValueError) on a malformed id
     token, source = resolve_token(token)
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token, library_name="mmconvert",
@@ -196,13 +212,14 @@ def _read_card(api: HfApi, repo_id: str, revision: str) -> str | None:
 
 def _card_base(remote: str | None, summary: BundleSummary) -> str | None:
     """The text our section is merged into: the repo's card, else a card the user edited in
-    the bundle. A card exactly as a bundle writer generated it (its sha256 is the manifest's) is
-    not user text unless it carries our markers: it is regenerated whole."""
+    the bundle. A card exactly as a bundle writer generated it (its sha256 is the manifest's;
+    :func:`~mmconvert.publish.model_card.write_bundle_card`) is not user text: it is
+    regenerated whole, so its title becomes the repo's name."""
     generated = {o.get("sha256") for o in summary.manifest.get("outputs", [])
                  if o.get("path") == CARD} - {None}
 
     def is_user_text(text: str) -> bool:
-        return BEGIN in text or hashlib.sha256(text.encode("utf-8")).hexdigest() not in generated
+        return hashlib.sha256(text.encode("utf-8")).hexdigest() not in generated
 
     if remote is not None:
         return remote if is_user_text(remote) else None

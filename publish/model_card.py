@@ -1,21 +1,26 @@
-"""The model card (``README.md``) pushed with any bundle kind (HF, safetensors, GGUF).
+"""The model card (``README.md``) of every bundle kind (HF, safetensors, GGUF): the one generator,
+used by every export (:func:`write_bundle_card`, the card a bundle is written with) and by
+``push`` (:func:`merge_card`, the card uploaded).
 
 The card is the user's as much as ours: ``merge_card`` regenerates only the text between
 :data:`BEGIN` and :data:`END` and the front-matter keys mmconvert owns; everything else a user
 wrote (on the Hub or in the bundle) is kept byte for byte.
 
     >>> card = merge_card(existing_readme_or_None, summarize_bundle(folder), "me/my-model")
+    >>> write_bundle_card(Path("out/gguf"), "my-model-GGUF")  # README.md, listed in the manifest
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mmconvert import __version__
-from mmconvert.publish.bundle_summary import BundleSummary
+from mmconvert.formats.bundle import add_output
+from mmconvert.publish.bundle_summary import CARD, BundleSummary, summarize_bundle
 
 BEGIN = "<!-- mmconvert:begin -->"
 END = "<!-- mmconvert:end -->"
@@ -24,7 +29,7 @@ RELATION = {"hf": "finetune", "safetensors": "finetune", "gguf": "quantized"}
 KIND_TITLE = {"hf": "Hugging Face (transformers) bundle", "safetensors": "safetensors bundle",
               "gguf": "GGUF bundle (llama.cpp)"}
 OWNED_KEYS = ("base_model", "base_model_relation", "library_name", "pipeline_tag")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name: the one Hub-id pattern
 # same pattern huggingface_hub's RepoCard uses to find the front matter
 _FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 
@@ -34,8 +39,22 @@ class CardError(ValueError):
 
 
 def hub_model_id(name: str | None) -> str | None:
-    """``base_model`` must be a Hub id (``owner/name``); a local path is left out."""
-    return name if name and _HUB_ID.match(name) and not name.startswith((".", "/")) else None
+    """``base_model`` must be a Hub id (``owner/name``); a local path is left out (also one
+    spelt like an id, ``models/qwen3``, when it exists here)."""
+    if not name or not HUB_ID.match(name) or name.startswith((".", "/")) or Path(name).exists():
+        return None
+    return name
+
+
+def write_bundle_card(folder: Path, name: str) -> str:
+    """Write the card of the bundle being written in ``folder`` (its manifest already there)
+    and list it in ``mmconvert.json``; ``name`` is what the usage snippets load (the output
+    folder's name; ``push`` puts the Hub id there). Returns the card's file name."""
+    folder = Path(folder)
+    text = merge_card(None, summarize_bundle(folder), name)
+    (folder / CARD).write_text(text, encoding="utf-8")
+    add_output(folder, CARD)
+    return CARD
 
 
 def card_metadata(summary: BundleSummary) -> dict[str, Any]:
@@ -142,10 +161,14 @@ def _modalities(s: BundleSummary) -> list[str]:
     if s.placeholder_id is not None:
         token += f" (id {s.placeholder_id})"
     lines = ["## Modalities", ""]
+    layered = any(m.layers for m in s.modalities)  # the bundle describes its layers
     if s.modalities:
-        lines += ["| modality | input dim | output dim | placeholder |", "|---|---:|---:|---|"]
+        lines += ["| modality | input dim | output dim | placeholder |"
+                  + (" projector |" if layered else ""),
+                  "|---|---:|---:|---|" + ("---|" if layered else "")]
         lines += [f"| `{_cell(m.name)}` | {_dim(m.input_dim)} | {_dim(m.output_dim)} | "
-                  f"{_cell(token)} |" for m in s.modalities]
+                  f"{_cell(token)} |" + (f" {_cell(' → '.join(m.layers)) or '?'} |"
+                                         if layered else "") for m in s.modalities]
     else:
         lines.append("See `mmconvert.json` and the bundle's config for the modalities.")
     lines += ["", f"Each item of a modality (`[n, input_dim]`) becomes `n` rows that replace `n` "
@@ -164,15 +187,20 @@ def _usage(s: BundleSummary, repo_id: str) -> list[str]:
     gguf_file = texts[0].path if texts else "MODEL.gguf"
     lines = ["## Usage", "", "### transformers", ""]
     if s.kind == "hf":
+        items, count = _example_items(s, name, dim)
         lines += ["```python", "import torch",
                   "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
-                  f'mm_inputs = {{"{name}": [torch.randn(4, {dim})]}}  # one item of 4 rows',
-                  f'input_ids = model.tokenize_prompt(tokenizer, "{ph} Describe this.", mm_inputs)',
-                  "out = model.generate(input_ids, mm_inputs=mm_inputs, max_new_tokens=32)",
+                  f"mm_inputs = {{{items}}}",
+                  "# one placeholder per item; tokenize_prompt expands each to the item's row count",
+                  f'prompt = "{" ".join([ph] * count)} Describe these inputs."',
+                  "input_ids = model.tokenize_prompt(tokenizer, prompt, mm_inputs)",
+                  "out = model.generate(input_ids, mm_inputs=mm_inputs, max_new_tokens=32, "
+                  "do_sample=False)",
                   "print(tokenizer.decode(out[0, input_ids.shape[1]:]))", "```", "",
-                  "Without `trust_remote_code` the folder loads as a plain text-only Qwen3.", ""]
+                  "Without `trust_remote_code` the folder loads as a plain text-only Qwen3 "
+                  f'(`AutoModelForCausalLM.from_pretrained("{repo_id}")`).', ""]
     elif s.kind == "gguf":
         lines += ["transformers can dequantize the text GGUF (text only; the projectors are in "
                   "the `mmproj-*.gguf` file, see `mmconvert run` below):", "",
@@ -206,6 +234,10 @@ def _usage(s: BundleSummary, repo_id: str) -> list[str]:
         lines += ["```python", "from vllm import LLM", "",
                   f"llm = LLM({model_arg}, enable_prompt_embeds=True)", embeds,
                   'outputs = llm.generate({"prompt_embeds": prompt_embeds})', "```", ""]
+        if s.kind == "hf":
+            lines += [f"or serve it with `vllm serve {repo_id} --enable-prompt-embeds` and send "
+                      "the tensor (`torch.save`, base64) as `prompt_embeds` to the Completions "
+                      "API.", ""]
     lines += ["### mmconvert run (llama.cpp)", ""]
     if s.kind == "gguf":
         lines += ["```bash", f"hf download {repo_id} --local-dir {local}",
@@ -221,6 +253,15 @@ def _usage(s: BundleSummary, repo_id: str) -> list[str]:
                   f'mmconvert run {local}-gguf --prompt "{ph} Describe this." '
                   "--embeddings inputs.safetensors", "```", ""]
     return lines
+
+
+def _example_items(s: BundleSummary, name: str, dim: Any) -> tuple[str, int]:
+    """``mm_inputs`` for the usage snippet (two items of the first modality, one of each
+    other) and how many items that is."""
+    modalities = [(m.name, m.input_dim or "INPUT_DIM") for m in s.modalities] or [(name, dim)]
+    items = ", ".join(f'"{m}": [torch.randn({d}), torch.randn(2, {d})]' if i == 0 else
+                      f'"{m}": [torch.randn(3, {d})]' for i, (m, d) in enumerate(modalities))
+    return items, len(modalities) + 1
 
 
 def _provenance(s: BundleSummary) -> list[str]:

@@ -24,16 +24,18 @@ from pathlib import Path
 import numpy as np
 
 from mmconvert.errors import LlamaRuntimeError
-from mmconvert.formats.gguf_keys import read_gguf_keys
+from mmconvert.formats.gguf_constants import Keys
+from mmconvert.formats.gguf_reader import read_gguf_keys
 from mmconvert.runtime import llama_lib
 from mmconvert.runtime.fusion import fusion_positions
 
 Run = tuple[str, np.ndarray]  # ("tokens", int ids [n]) or ("embd", float32 rows [n, n_embd])
-EOS_KEYS = ("tokenizer.ggml.eos_token_ids", "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+EOS_KEYS = (Keys.Tokenizer.EOS_IDS, Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID,
+            Keys.Tokenizer.EOM_ID)
 # what a runner reads from the file itself (llama.cpp exposes no array keys)
-METADATA_KEYS = (*EOS_KEYS, "tokenizer.ggml.bos_token_id", "tokenizer.chat_template",
-                 "general.sampling.temp", "general.sampling.top_k", "general.sampling.top_p")
+METADATA_KEYS = (*EOS_KEYS, Keys.Tokenizer.BOS_ID, Keys.Tokenizer.CHAT_TEMPLATE,
+                 Keys.General.SAMPLING_TEMP, Keys.General.SAMPLING_TOP_K,
+                 Keys.General.SAMPLING_TOP_P)
 
 
 def fused_runs(ids: Sequence[int], placeholder_id: int | None, rows: np.ndarray) -> list[Run]:

@@ -3,8 +3,9 @@
 Written from ``docs/gguf-projector.md`` alone (keys, tensor layout, Q8_0/F16 bytes, the math of
 each layer), not from the writer in :mod:`mmconvert.convert.plan_mmproj`: if the two disagree,
 the tests comparing this module with the torch reference fail, so the document is shown to be
-enough for another runtime. gguf-py's ``GGUFReader`` parses the container (the spec allows any
-GGUF reader); weights are decoded here as the spec describes them.
+enough for another runtime. :mod:`mmconvert.formats.gguf_reader` parses the container and
+:mod:`mmconvert.formats.gguf_projector` checks the keys (the one parser of the spec, shared with
+verify and the bundle summary); weights are decoded here as the spec describes them.
 
 Everything computes in float32, as the spec says; only GELU's error function is evaluated in
 float64 (numpy has none; :func:`math.erfc` is accurate to double precision).
@@ -13,22 +14,16 @@ float64 (numpy has none; :func:`math.erfc` is accurate to double precision).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mmconvert.errors import ProjectorFileError, ProjectorInputError
+from mmconvert.formats.gguf_projector import LayerSpec, ModalitySpec, read_projector_spec
+from mmconvert.formats.gguf_reader import GGUFReader
 
-ARCH = "mmproj-embed"
-SPEC_VERSION = 2  # the newest version this reader understands
-FUSION_RULE = "replace-placeholders-else-prepend"
-LAYER_KINDS = ("linear", "layer_norm", "act", "glu", "scale")  # glu, scale: version 2
-_WIDENING = ("linear", "glu")  # the kinds that may change the width
-_NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 _Q8_0_BLOCK = 32  # values per block; a block is a float16 scale then 32 int8
 
 
@@ -95,7 +90,7 @@ def decode_weights(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> n
 @dataclass(frozen=True)
 class Layer:
     name: str
-    kind: str  # one of LAYER_KINDS
+    kind: str  # one of gguf_projector.LAYER_KINDS
     in_dim: int
     out_dim: int
     activation: str = ""
@@ -189,139 +184,61 @@ class ProjectorGGUF:
 
 # -- reading ----------------------------------------------------------------------------------
 
-class _Fields:
-    """Typed access to the key-value section, with errors that name the file and the key."""
-
-    def __init__(self, path: Path, reader: Any):
-        self.path = path
-        self.fields = reader.fields
-
-    def fail(self, message: str) -> ProjectorFileError:
-        return ProjectorFileError(f"{self.path}: {message} (see docs/gguf-projector.md)")
-
-    def get(self, key: str, *want: str, default: Any = ...) -> Any:
-        """The value of ``key``, whose GGUF type must be ``want`` (``"UINT32"``, or
-        ``"ARRAY", "STRING"`` for an array of strings)."""
-        field = self.fields.get(key)
-        if field is None:
-            if default is not ...:
-                return default
-            raise self.fail(f"key {key} is missing")
-        types = [t.name for t in field.types]
-        if types != list(want):
-            raise self.fail(f"key {key} is {'/'.join(types)}, the spec says {'/'.join(want)}")
-        return field.contents()
-
-
 def read_projector_gguf(path: str | Path) -> ProjectorGGUF:
-    """Load and validate a projector GGUF; weights are dequantised to float32."""
+    """Load and validate a projector GGUF; weights are dequantised to float32. The keys are
+    checked by :func:`mmconvert.formats.gguf_projector.read_projector_spec`."""
     path = Path(path)
     try:
-        import gguf
-
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFReader(path)
     except FileNotFoundError as exc:
-        raise ProjectorFileError(f"{path}: no such file") from exc
-    except Exception as exc:  # gguf-py raises ValueError / struct errors on damaged files
-        raise ProjectorFileError(f"{path}: not a readable GGUF file ({exc})") from exc
-    f = _Fields(path, reader)
-    arch = f.get("general.architecture", "STRING")
-    if arch != ARCH:
-        raise f.fail(f"general.architecture is {arch!r}, not {ARCH!r}: not a projector GGUF")
-    version = f.get(f"{ARCH}.spec_version", "UINT32")
-    if version > SPEC_VERSION:
-        raise f.fail(f"spec_version {version} is newer than this reader's {SPEC_VERSION}; "
-                     "upgrade mmconvert")
-    fusion = f.get(f"{ARCH}.fusion", "STRING")
-    if fusion != FUSION_RULE:
-        raise f.fail(f"fusion rule {fusion!r} is unknown (this reader runs {FUSION_RULE!r})")
-    hidden = f.get(f"{ARCH}.embedding_length", "UINT32")
-    modalities = f.get(f"{ARCH}.modalities", "ARRAY", "STRING")
-    if not modalities or len(set(modalities)) != len(modalities):
-        raise f.fail(f"{ARCH}.modalities must list distinct modality names, got {modalities}")
-    token_id = f.get(f"{ARCH}.placeholder.token_id", "INT32")
-    tensors = {t.name: t for t in reader.tensors}
-    projectors = {m: _read_modality(f, tensors, m, hidden) for m in modalities}
-    return ProjectorGGUF(
-        path=path, name=f.get("general.name", "STRING", default=""), embedding_length=hidden,
-        projectors=projectors, placeholder_token=f.get(f"{ARCH}.placeholder.token", "STRING"),
-        placeholder_id=None if token_id < 0 else int(token_id))
+        raise ProjectorFileError(f"{path}: no such file", path=path) from exc
+    except (OSError, ValueError) as exc:
+        raise ProjectorFileError(f"{path}: not a readable GGUF file ({exc})", path=path) from exc
+    spec = read_projector_spec(reader)
+    projectors = {m: _modality(reader, s) for m, s in spec.modalities.items()}
+    return ProjectorGGUF(path=path, name=spec.name, embedding_length=spec.embedding_length,
+                         projectors=projectors, placeholder_token=spec.placeholder_token,
+                         placeholder_id=spec.placeholder_id)
 
 
-def _read_modality(f: _Fields, tensors: dict[str, Any], m: str, hidden: int
-                   ) -> ModalityProjector:
-    if not _NAME_OK.fullmatch(m):
-        raise f.fail(f"modality name {m!r} (letters, digits, '_' and '-' only)")
-    p = f"{ARCH}.{m}"
-    input_dim = f.get(f"{p}.input_dim", "UINT32")
-    output_dim = f.get(f"{p}.output_dim", "UINT32")
-    if output_dim != hidden:
-        raise f.fail(f"{p}.output_dim {output_dim} differs from embedding_length {hidden}")
-    columns = {
-        "names": f.get(f"{p}.layer.names", "ARRAY", "STRING"),
-        "kinds": f.get(f"{p}.layer.kinds", "ARRAY", "STRING"),
-        "in_dims": f.get(f"{p}.layer.in_dims", "ARRAY", "UINT32"),
-        "out_dims": f.get(f"{p}.layer.out_dims", "ARRAY", "UINT32"),
-        "activations": f.get(f"{p}.layer.activations", "ARRAY", "STRING"),
-        "eps": f.get(f"{p}.layer.eps", "ARRAY", "FLOAT32"),
-        "has_bias": f.get(f"{p}.layer.has_bias", "ARRAY", "BOOL"),
-    }
-    lengths = {k: len(v) for k, v in columns.items()}
-    if len(set(lengths.values())) != 1 or not columns["names"]:
-        raise f.fail(f"{p}.layer.* arrays must have one entry per layer, got lengths {lengths}")
-    layers = []
-    width = input_dim
-    for name, kind, d_in, d_out, act, eps, has_bias in zip(*columns.values()):
-        where = f"modality {m!r} layer {name!r}"
-        if kind not in LAYER_KINDS:
-            raise f.fail(f"{where}: kind {kind!r} (expected one of {', '.join(LAYER_KINDS)})")
-        if d_in != width:
-            raise f.fail(f"{where}: input width {d_in}, but the previous layer gives {width}")
-        if kind not in _WIDENING and d_out != d_in:
-            raise f.fail(f"{where}: a {kind} layer keeps the width, got {d_in} -> {d_out}")
-        if kind in ("act", "glu") and act not in ACTIVATIONS:
-            raise f.fail(f"{where}: activation {act!r} (known: {', '.join(ACTIVATIONS)})")
-        weight = bias = up_weight = up_bias = None
-        t = f"mm.{m}.{name}."
-        if kind == "linear":
-            weight = _tensor(f, tensors, t + "weight", (d_out, d_in))
-        elif kind == "layer_norm":
-            weight = _tensor(f, tensors, t + "weight", (d_out,))
-        elif kind == "glu":
-            weight = _tensor(f, tensors, t + "gate.weight", (d_out, d_in))
-            up_weight = _tensor(f, tensors, t + "up.weight", (d_out, d_in))
-        elif kind == "scale":  # one value for every channel, or one per channel
-            count = int(tensors[t + "scale"].n_elements) if t + "scale" in tensors else d_out
-            weight = _tensor(f, tensors, t + "scale", (1,) if count == 1 else (d_out,))
-        if kind in ("linear", "layer_norm") and has_bias:
-            bias = _tensor(f, tensors, t + "bias", (d_out,))
-        elif kind == "glu" and has_bias:
-            bias = _tensor(f, tensors, t + "gate.bias", (d_out,))
-            up_bias = _tensor(f, tensors, t + "up.bias", (d_out,))
-        layers.append(Layer(name, kind, int(d_in), int(d_out),
-                            act if kind in ("act", "glu") else "", float(eps), weight, bias,
-                            up_weight, up_bias))
-        width = d_out
-    if width != output_dim:
-        raise f.fail(f"modality {m!r}: the last layer gives width {width}, output_dim is "
-                     f"{output_dim}")
-    hidden_dim = f.get(f"{p}.hidden_dim", "UINT32")
-    first_linear = next((x for x in layers if x.kind in _WIDENING), None)
-    if first_linear is not None and first_linear.out_dim != hidden_dim:
-        raise f.fail(f"modality {m!r}: hidden_dim {hidden_dim}, but the first linear layer "
-                     f"gives {first_linear.out_dim}")
-    return ModalityProjector(m, int(input_dim), int(hidden_dim), int(output_dim), tuple(layers))
+def _modality(reader: GGUFReader, spec: ModalitySpec) -> ModalityProjector:
+    layers = tuple(_layer(reader, f"mm.{spec.name}.{x.name}.", x) for x in spec.layers)
+    return ModalityProjector(spec.name, spec.input_dim, spec.hidden_dim, spec.output_dim, layers)
 
 
-def _tensor(f: _Fields, tensors: dict[str, Any], name: str, shape: tuple[int, ...]
-            ) -> np.ndarray:
-    t = tensors.get(name)
+def _layer(reader: GGUFReader, t: str, x: LayerSpec) -> Layer:
+    """One layer with its weights, by the tensor table of docs/gguf-projector.md."""
+    weight = bias = up_weight = up_bias = None
+    d_in, d_out = x.in_dim, x.out_dim
+    if x.kind == "linear":
+        weight = _tensor(reader, t + "weight", (d_out, d_in))
+    elif x.kind == "layer_norm":
+        weight = _tensor(reader, t + "weight", (d_out,))
+    elif x.kind == "glu":
+        weight = _tensor(reader, t + "gate.weight", (d_out, d_in))
+        up_weight = _tensor(reader, t + "up.weight", (d_out, d_in))
+    elif x.kind == "scale":  # one value for every channel, or one per channel
+        weight = _tensor(reader, t + "scale", (d_out,) if x.per_channel else (1,))
+    if x.kind in ("linear", "layer_norm") and x.has_bias:
+        bias = _tensor(reader, t + "bias", (d_out,))
+    elif x.kind == "glu" and x.has_bias:
+        bias = _tensor(reader, t + "gate.bias", (d_out,))
+        up_bias = _tensor(reader, t + "up.bias", (d_out,))
+    return Layer(x.name, x.kind, d_in, d_out, x.activation, x.eps, weight, bias, up_weight,
+                 up_bias)
+
+
+def _tensor(reader: GGUFReader, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def fail(message: str) -> ProjectorFileError:
+        return ProjectorFileError(f"{reader.path}: {message} (see docs/gguf-projector.md)",
+                                  path=reader.path, name=name)
+
+    t = reader.tensors.get(name)
     if t is None:
-        raise f.fail(f"tensor {name} is missing")
-    found = tuple(int(d) for d in reversed(t.shape))  # GGUF stores ggml's ne: reversed
-    if found != shape:
-        raise f.fail(f"tensor {name} has numpy shape {list(found)}, expected {list(shape)}")
+        raise fail(f"tensor {name} is missing")
+    if t.shape != shape:
+        raise fail(f"tensor {name} has numpy shape {list(t.shape)}, expected {list(shape)}")
     try:
-        return decode_weights(t.tensor_type.name, np.asarray(t.data), shape)
+        return decode_weights(t.type_name, reader.tensor_bytes(name), shape)
     except ValueError as exc:
-        raise f.fail(f"tensor {name}: {exc}") from exc
+        raise fail(f"tensor {name}: {exc}") from exc

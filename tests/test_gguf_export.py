@@ -56,8 +56,8 @@ def bundle(example_ckpt, tmp_path_factory):
 
 def test_files_follow_hub_names(bundle):
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == ["ckpt-124K-F16.gguf", "ckpt-124K-F32.gguf", "ckpt-124K-Q8_0.gguf",
-                     "mmconvert.json", "mmproj-ckpt-F16.gguf"]
+    assert names == ["README.md", "ckpt-124K-F16.gguf", "ckpt-124K-F32.gguf",
+                     "ckpt-124K-Q8_0.gguf", "mmconvert.json", "mmproj-ckpt-F16.gguf"]
     manifest = json.loads((bundle / "mmconvert.json").read_text())
     assert manifest["kind"] == "gguf"
     quant = {f["path"]: (f["role"], f["quant"]) for f in manifest["files"]}

@@ -8,18 +8,12 @@ import json
 
 import pytest
 
+from mmconvert.convert.hf_config import generation_config, hf_config, projector_config
 from mmconvert.convert.model import SpecialIds
 from mmconvert.convert.plan_hf import hf_config_dtype
 from mmconvert.convert.readers import read_checkpoint
-from mmconvert.formats.hf_folder import (
-    CONFIG_KEY,
-    TEMPLATE_DIR,
-    base_model_id,
-    generation_config,
-    hf_config,
-    model_card,
-    projector_config,
-)
+from mmconvert.formats.hf_folder import CONFIG_KEY, TEMPLATE_DIR
+from mmconvert.publish.model_card import hub_model_id as base_model_id
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +130,17 @@ def test_base_model_id(name, want):
     assert base_model_id(name) == want
 
 
-def test_model_card_embeds_parity_table_and_escapes_pipes(model):
+def test_model_card_embeds_parity_table_and_escapes_pipes(model, tmp_path):
     from huggingface_hub import ModelCard
 
+    from mmconvert.convert.export_hf import export_hf
+    from mmconvert.publish.bundle_summary import VERIFY_MARKDOWN, summarize_bundle
+    from mmconvert.publish.model_card import merge_card
+
     table = "| metric | value |\n|---|---|\n| max abs dlogit | 1e-6 |"
-    text = model_card(model, repo_id="me/mm-qwen3", dtype="bfloat16", parity_table=table)
+    export_hf(model, tmp_path / "b")  # the card of an HF bundle, as push writes it
+    (tmp_path / "b" / VERIFY_MARKDOWN).write_text(table)
+    text = merge_card(None, summarize_bundle(tmp_path / "b"), "me/mm-qwen3")
     card = ModelCard(text)
     assert card.data.base_model == "Qwen/Qwen3-0.6B" and "qwen3" in card.data.tags
     assert "## Logit parity" in text and table in text

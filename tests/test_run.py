@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from mmconvert.cli import main
 from mmconvert.errors import BundleError
 from mmconvert.formats.dtypes import f32_to_bf16
-from mmconvert.formats.gguf_keys import read_gguf_keys
+from mmconvert.formats.gguf_reader import read_gguf_keys
 from mmconvert.runtime import llama_lib, mmproj
 from mmconvert.runtime.llama_runtime import fused_runs
 from mmconvert.runtime.mmproj import read_projector_gguf

@@ -2,7 +2,9 @@
 
 Names are mapped back with gguf-py's own Qwen3 tensor-name map (what llama.cpp's converter
 uses), not with mmconvert's plan, so a naming mistake in the writer cannot cancel out here.
-Projector files follow ``docs/gguf-projector.md`` (architecture ``mmproj-embed``).
+Projector files follow ``docs/gguf-projector.md`` (architecture ``mmproj-embed``), read by the
+one parser of that spec (:mod:`mmconvert.formats.gguf_projector`); files are read with
+:mod:`mmconvert.formats.gguf_reader`.
 """
 
 from __future__ import annotations
@@ -16,63 +18,62 @@ import numpy as np
 
 from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec, TextSpec
 from mmconvert.convert.rope import undo_neox_fixup
+from mmconvert.errors import ProjectorFileError
+from mmconvert.formats.gguf_constants import (
+    PRECISION_ORDER,
+    PROJECTOR_ACTIVATED_KINDS,
+    PROJECTOR_ARCH,
+    TEXT_ARCHS,
+    TEXT_MOE_ARCH,
+    Keys,
+    file_type_name,
+)
+from mmconvert.formats.gguf_projector import ModalitySpec, read_projector_spec
+from mmconvert.formats.gguf_reader import GGUFReader
 from mmconvert.verify.backends import BundleError, BundleTensor, Target
 from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import projector_facts
 
-PROJECTOR_ARCH = "mmproj-embed"
-PROJECTOR_SPEC_VERSION = 2  # the newest docs/gguf-projector.md version read here
-TEXT_ARCHS = ("qwen3", "qwen3moe")
 SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-FILE_TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-                   32: "BF16"}
-# from exact to lossiest: a target is held to the thresholds of its lossiest file (an F32 text
-# GGUF with an F16 projector rounds the projected rows to F16 precision)
-LOSS_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 
 def combined_type(*types: str) -> str:
-    known = [t for t in types if t in LOSS_ORDER]
-    return max(known, key=LOSS_ORDER.index) if known else types[0]
+    """The least precise of ``types``: a target is held to the thresholds of its lossiest file
+    (an F32 text GGUF with an F16 projector rounds the projected rows to F16 precision)."""
+    known = [t for t in types if t in PRECISION_ORDER]
+    return max(known, key=PRECISION_ORDER.index) if known else types[0]
 
 
 class GGUFFile:
     """A GGUF model, possibly split over several files: metadata of the first, all tensors."""
 
     def __init__(self, paths: list[Path]):
-        import gguf
-
         self.paths = paths
-        try:
-            self.readers = [gguf.GGUFReader(str(p)) for p in paths]
-        except Exception as exc:  # gguf-py raises ValueError/struct errors on corrupt files
-            raise BundleError(f"{paths[0]}: gguf-py cannot read it ({exc})") from exc
-        self.tensors = {t.name: t for r in self.readers for t in r.tensors}
+        self.readers = []
+        for path in paths:
+            try:
+                self.readers.append(GGUFReader(path))
+            except (OSError, ValueError) as exc:
+                raise BundleError(f"{path}: not a readable GGUF file ({exc})", path=path) from exc
+        self._reader_of = {name: r for r in self.readers for name in r.tensors}
+        self.tensors = {name: r.tensors[name] for name, r in self._reader_of.items()}
 
     def value(self, key: str, default: Any = None) -> Any:
-        field = self.readers[0].fields.get(key)
-        if field is None:
-            return default
-        contents = field.contents()
-        return contents
+        return self.readers[0].value(key, default)
 
     @property
     def arch(self) -> str:
-        return str(self.value("general.architecture", ""))
+        return str(self.value(Keys.General.ARCHITECTURE, ""))
 
     def array(self, name: str) -> np.ndarray:
         """A tensor as float32, numpy (row-major) shape."""
-        from gguf.quants import dequantize
-
-        t = self.tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))
-        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+        return self._reader_of[name].tensor_array(name)
 
     def type_name(self, name: str) -> str:
-        return self.tensors[name].tensor_type.name
+        return self.tensors[name].type_name
 
     def numel(self, name: str) -> int:
-        return int(self.tensors[name].n_elements)
+        return self.tensors[name].n_elements
 
 
 def group_files(folder: Path) -> list[list[Path]]:
@@ -87,13 +88,14 @@ def group_files(folder: Path) -> list[list[Path]]:
 
 def output_type(text: GGUFFile) -> str:
     """The file's quantization: ``general.file_type``, else its most common 2-D type."""
-    ftype = text.value("general.file_type")
-    if ftype in FILE_TYPE_NAMES:
-        return FILE_TYPE_NAMES[ftype]
+    ftype = text.value(Keys.General.FILE_TYPE)
+    name = file_type_name(ftype) if ftype is not None else None
+    if name in PRECISION_ORDER:  # a type mmconvert writes
+        return name
     counts: dict[str, int] = {}
     for t in text.tensors.values():
         if len(t.shape) >= 2:
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+            counts[t.type_name] = counts.get(t.type_name, 0) + t.n_elements
     return max(counts, key=lambda k: counts[k]) if counts else "F32"
 
 
@@ -154,7 +156,7 @@ class GGUFBundle:
         heads = int(self._key("attention.head_count", 0))
         hidden = int(self._key("embedding_length", 0))
         spec = TextSpec(
-            vocab_size=int(emb.shape[1]), hidden_size=hidden,
+            vocab_size=int(emb.shape[0]), hidden_size=hidden,
             intermediate_size=int(self._key("feed_forward_length", 0)),
             num_hidden_layers=int(self._key("block_count", 0)), num_attention_heads=heads,
             num_key_value_heads=int(self._key("attention.head_count_kv", heads)),
@@ -163,7 +165,7 @@ class GGUFBundle:
             rope_theta=float(self._key("rope.freq_base", 10000.0)),
             max_position_embeddings=int(self._key("context_length", 0)),
             tie_word_embeddings="output.weight" not in self.text.tensors)
-        if self.arch == "qwen3moe":
+        if self.arch == TEXT_MOE_ARCH:
             # llama.cpp's qwen3moe: experts in every layer, top-k weights renormalised
             spec.num_experts = int(self._key("expert_count", 0))
             spec.num_experts_per_tok = int(self._key("expert_used_count", 0))
@@ -183,55 +185,17 @@ class GGUFBundle:
         """The projectors as the file declares them (docs/gguf-projector.md, versions 1-2)."""
         if self.projector is None:
             return {}
-        p = self.projector
-        a = PROJECTOR_ARCH
-        version = int(p.value(f"{a}.spec_version", 1))
-        if version > PROJECTOR_SPEC_VERSION:
-            raise BundleError(f"{p.paths[0]}: projector spec version {version}; this verifier "
-                              f"reads versions up to {PROJECTOR_SPEC_VERSION}")
-        specs = {}
-        for m in p.value(f"{a}.modalities", []) or []:
-            keys = ("names", "kinds", "in_dims", "out_dims", "activations", "eps")
-            arrays = [p.value(f"{a}.{m}.layer.{k}", []) for k in keys]
-            names = arrays[0]
-            if any(len(x) != len(names) for x in arrays):
-                raise BundleError(f"{p.paths[0]}: the layer arrays of modality {m!r} differ "
-                                  "in length")
-            bias = p.value(f"{a}.{m}.layer.has_bias", [])
-            gates = p.value(f"{a}.{m}.layer.gates", []) or [""] * len(names)
-            folded = p.value(f"{a}.{m}.layer.folded_from", []) or [""] * len(names)
-            layers = []
-            for k, (name, kind, i, o, act, e) in enumerate(zip(*arrays)):
-                layers.append(ProjectorLayer(
-                    kind, name, int(i), int(o),
-                    activation=(act or None) if kind in ("act", "glu") else None,
-                    eps=float(e) if kind == "layer_norm" else None,
-                    bias=bool(bias[k]) if k < len(bias) else True,
-                    gate="tanh" if k < len(gates) and gates[k] else "",
-                    complementary=k < len(gates) and gates[k] == "1-tanh",
-                    folded_from=tuple(folded[k].split("+")) if k < len(folded) and folded[k]
-                    else ()))
-            act = next((x.activation for x in layers if x.kind in ("act", "glu")), "") or ""
-            specs[m] = ProjectorSpec(
-                modality=m, input_dim=int(p.value(f"{a}.{m}.input_dim", 0)),
-                hidden_dim=int(p.value(f"{a}.{m}.hidden_dim", 0)),
-                output_dim=int(p.value(f"{a}.{m}.output_dim", 0)), activation=act,
-                layer_norm=any(x.kind == "layer_norm" for x in layers), layers=layers)
-            self._scale_shapes(specs[m])
-        return specs
-
-    def _scale_shapes(self, spec: ProjectorSpec) -> None:
-        """A ``scale`` holds one value or one per channel: its tensor's shape says which."""
-        for layer in spec.layers:
-            t = self.projector.tensors.get(f"mm.{spec.modality}.{layer.name}.scale")
-            if layer.kind == "scale" and t is not None:
-                layer.per_channel = int(t.n_elements) > 1
+        try:
+            spec = read_projector_spec(self.projector.readers[0])
+        except ProjectorFileError as exc:
+            raise BundleError(str(exc), path=self.projector.paths[0]) from exc
+        return {m: _projector_spec(x) for m, x in spec.modalities.items()}
 
     @property
     def placeholder_id(self) -> int | None:
         if self.projector is None:
             return None
-        value = self.projector.value(f"{PROJECTOR_ARCH}.placeholder.token_id")
+        value = self.projector.value(Keys.Projector.PLACEHOLDER_TOKEN_ID)
         return None if value is None or int(value) < 0 else int(value)
 
     def facts(self) -> dict[str, Any]:
@@ -242,17 +206,17 @@ class GGUFBundle:
                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
                 "rope_theta", "max_position_embeddings", "tie_word_embeddings",
                 "num_experts", "num_experts_per_tok", "moe_intermediate_size")}
-        eos = self.text.value("tokenizer.ggml.eos_token_id")
-        eos_list = list(self.text.value("tokenizer.ggml.eos_token_ids", []) or [])
+        eos = self.text.value(Keys.Tokenizer.EOS_ID)
+        eos_list = list(self.text.value(Keys.Tokenizer.EOS_IDS, []) or [])
         if eos is not None:
             facts["special.eos"] = [int(eos)] + [int(i) for i in eos_list if int(i) != int(eos)]
-        for kind, key in (("bos", "bos_token_id"), ("pad", "padding_token_id")):
-            value = self.text.value(f"tokenizer.ggml.{key}")
+        for kind, key in (("bos", Keys.Tokenizer.BOS_ID), ("pad", Keys.Tokenizer.PAD_ID)):
+            value = self.text.value(key)
             if value is not None:
                 facts[f"special.{kind}_id"] = int(value)
         if self.projector is not None:
             facts["placeholder.id"] = self.placeholder_id
-            facts["placeholder.token"] = self.projector.value(f"{PROJECTOR_ARCH}.placeholder.token")
+            facts["placeholder.token"] = self.projector.value(Keys.Projector.PLACEHOLDER_TOKEN)
             facts["modalities"] = list(self.projector_specs)
             for name, pspec in self.projector_specs.items():
                 for key, value in projector_facts(pspec).items():
@@ -266,7 +230,7 @@ class GGUFBundle:
         """GGUF text tensor name -> canonical name, through gguf-py's Qwen3 name map."""
         import gguf
 
-        arch = gguf.MODEL_ARCH.QWEN3MOE if self.arch == "qwen3moe" else gguf.MODEL_ARCH.QWEN3
+        arch = gguf.MODEL_ARCH.QWEN3MOE if self.arch == TEXT_MOE_ARCH else gguf.MODEL_ARCH.QWEN3
         tmap = gguf.get_tensor_name_map(arch, self.model.text.num_hidden_layers)
         names = list(self.model.tensors.names()) + ["lm_head.weight"]
         out = {}
@@ -319,7 +283,7 @@ class GGUFBundle:
         for t in tok.get("added_tokens") or []:
             vocab[t["content"]] = int(t["id"])
         by_id = {i: s for s, i in vocab.items()}
-        tokens = list(self.text.value("tokenizer.ggml.tokens", []) or [])
+        tokens = list(self.text.value(Keys.Tokenizer.LIST, []) or [])
         problems = []
         if len(tokens) != self.text_spec.vocab_size:
             problems.append(f"{len(tokens)} tokens for {self.text_spec.vocab_size} embedding rows")
@@ -333,7 +297,7 @@ class GGUFBundle:
                             f"{got!r} instead of {by_id[i]!r}{hint}")
         merges = (tok.get("model") or {}).get("merges") or []
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-        gguf_merges = list(self.text.value("tokenizer.ggml.merges", []) or [])
+        gguf_merges = list(self.text.value(Keys.Tokenizer.MERGES, []) or [])
         if merges != gguf_merges:
             problems.append(f"merges differ ({len(gguf_merges)} in the GGUF, {len(merges)} in "
                             "tokenizer.json)")
@@ -341,3 +305,17 @@ class GGUFBundle:
             return ("vocabulary", False, "; ".join(problems))
         return ("vocabulary", True, f"{len(by_id)} tokens and {len(merges)} merges as in "
                 f"tokenizer.json")
+
+
+def _projector_spec(m: ModalitySpec) -> ProjectorSpec:
+    """The canonical model's description of a projector, from the file's layers."""
+    layers = [ProjectorLayer(
+        x.kind, x.name, x.in_dim, x.out_dim,
+        activation=(x.activation or None) if x.kind in PROJECTOR_ACTIVATED_KINDS else None,
+        eps=x.eps if x.kind == "layer_norm" else None, bias=x.has_bias,
+        gate="tanh" if x.gate else "", complementary=x.gate == "1-tanh",
+        folded_from=x.folded_from, per_channel=x.per_channel) for x in m.layers]
+    act = next((x.activation for x in layers if x.kind in PROJECTOR_ACTIVATED_KINDS), "") or ""
+    return ProjectorSpec(modality=m.name, input_dim=m.input_dim, hidden_dim=m.hidden_dim,
+                         output_dim=m.output_dim, activation=act,
+                         layer_norm=any(x.kind == "layer_norm" for x in layers), layers=layers)
