@@ -39,6 +39,7 @@ from mmconvert.formats.bundle import (
 from mmconvert.formats.gguf_vocab import build_vocab
 from mmconvert.formats.gguf_writer import GGUFFile, Metadata, layout_gguf, write_gguf
 from mmconvert.formats.hashing import SourceHashes
+from mmconvert.publish.model_card import write_bundle_card
 
 Log = Callable[[str], None]
 
@@ -169,4 +170,5 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
                                    "output_dim": p.output_dim}
                                   for m, p in model.projectors.items()],
                    "tensors": {t.name: t.source.name for p in job.plans for t in p.tensors}})
+        names.append(write_bundle_card(tmp, Path(out).name))
     return names + ["mmconvert.json"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from mmconvert.convert.hf_config import generation_config, hf_config, projector_config
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_hf import PROJECTOR_FILE, PROJECTOR_STEM, hf_config_dtype, plan_hf
 from mmconvert.formats.bundle import (
@@ -24,6 +25,7 @@ from mmconvert.formats.bundle import (
 from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.hf_folder import write_hf_files
 from mmconvert.formats.safetensors_writer import write_safetensors
+from mmconvert.publish.model_card import write_bundle_card
 
 PROJECTOR_PREFIX = "multimodal_projector."
 
@@ -45,9 +47,13 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
         whole = sum(t.source.nbytes for t in projector_plan.tensors) * 2 + 1
         files += write_safetensors(tmp, projector_plan.tensors, stem=PROJECTOR_STEM,
                                    max_shard_bytes=whole, progress=progress)
-        files += write_hf_files(tmp, model, config_dtype=hf_config_dtype(model, dtype),
-                                repo_id=out.name, weights_file=PROJECTOR_FILE,
-                                tensor_prefix=PROJECTOR_PREFIX, specs=projector_plan.projectors)
+        config_dtype = hf_config_dtype(model, dtype)
+        projector = projector_config(model, PROJECTOR_FILE, PROJECTOR_PREFIX,
+                                     projector_plan.projectors)
+        files += write_hf_files(
+            tmp, config=hf_config(model, config_dtype, projector),
+            generation_config=generation_config(model), tokenizer_dir=model.tokenizer.directory,
+            tokenizer_files=model.tokenizer.files)
         transforms = lm_plan.transforms_applied()
         transforms += [t for t in projector_plan.transforms_applied() if t not in transforms]
         write_manifest(tmp, kind="hf", model=model,
@@ -58,4 +64,5 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
                        extra={"tensors": {t.name: t.source.name
                                           for t in lm_plan.tensors + projector_plan.tensors},
                               "pieces": {**lm_plan.pieces(), **projector_plan.pieces()}})
+        files.append(write_bundle_card(tmp, out.name))
     return files + ["mmconvert.json"]

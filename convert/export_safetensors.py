@@ -18,6 +18,7 @@ from mmconvert.formats.bundle import (
 from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.safe_paths import copy_inside
 from mmconvert.formats.safetensors_writer import write_safetensors
+from mmconvert.publish.model_card import write_bundle_card
 
 
 def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "source",
@@ -39,6 +40,7 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
                        output_hashes=digests,
                        extra={"naming": naming, "tensors": {t.name: t.source.name for t in plan.tensors},
                               "pieces": plan.pieces()})
+        files.append(write_bundle_card(tmp, Path(out).name))
     return files + ["mmconvert.json"]
 
 

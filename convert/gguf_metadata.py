@@ -12,13 +12,8 @@ from mmconvert.convert.config_values import INT32_MAX, UINT32_MAX, shown
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan_gguf import architecture
 from mmconvert.errors import CheckpointError, UnsupportedError
+from mmconvert.formats.gguf_constants import QUANTIZATION_VERSION, Keys, file_type
 from mmconvert.formats.gguf_writer import Metadata
-
-QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
-# llama.h's enum llama_ftype, by the type of the file's weights
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-              "BF16": 32}
-
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -74,19 +69,19 @@ def _rope_scaling(model: CanonicalModel, arch: str, md: _Checked, notes: list[st
     if kind not in ("linear", "yarn"):
         raise UnsupportedError(f"rope scaling {kind!r} has no llama.cpp {arch} equivalent "
                                "(supported: linear, yarn)")
-    md.md.string(f"{arch}.rope.scaling.type", kind)
+    md.md.string(Keys.Rope.SCALING_TYPE.format(arch=arch), kind)
     factor = scaling.get("factor")
-    md.float32(f"{arch}.rope.scaling.factor", 1.0 if factor is None else factor,
+    md.float32(Keys.Rope.SCALING_FACTOR.format(arch=arch), 1.0 if factor is None else factor,
                "rope_scaling.factor")
     if kind == "yarn":
         orig = scaling.get("original_max_position_embeddings")
         if orig:
-            md.uint32(f"{arch}.rope.scaling.original_context_length", orig,
+            md.uint32(Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), orig,
                       "rope_scaling.original_max_position_embeddings")
-        for hf_key, suffix in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+        for hf_key, key in (("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
+                            ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
             if scaling.get(hf_key) is not None:
-                md.float32(f"{arch}.rope.scaling.{suffix}", scaling[hf_key],
-                           f"rope_scaling.{hf_key}")
+                md.float32(key.format(arch=arch), scaling[hf_key], f"rope_scaling.{hf_key}")
     known = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast",
              "beta_slow", "rope_theta"}
     ignored = sorted(set(scaling) - known)
@@ -98,17 +93,18 @@ def _sampling(generation: dict[str, Any], md: _Checked) -> None:
     """Sampling defaults from ``generation_config.json`` as llama.cpp's ``general.sampling.*``
     keys; ``do_sample: false`` means greedy, which llama.cpp spells ``temp = 0``."""
     if generation.get("do_sample") is False:
-        md.md.float32("general.sampling.temp", 0.0)
+        md.md.float32(Keys.General.SAMPLING_TEMP, 0.0)
         return
-    floats = {"temperature": "temp", "top_p": "top_p", "min_p": "min_p",
-              "repetition_penalty": "penalty_repeat"}
+    g = Keys.General
+    floats = {"temperature": g.SAMPLING_TEMP, "top_p": g.SAMPLING_TOP_P,
+              "min_p": g.SAMPLING_MIN_P, "repetition_penalty": g.SAMPLING_PENALTY_REPEAT}
     for hf_key, key in floats.items():
         value = generation.get(hf_key)
         if value is not None:  # type and range checked by the reader
-            md.float32(f"general.sampling.{key}", value, f"generation_config {hf_key}")
+            md.float32(key, value, f"generation_config {hf_key}")
     top_k = generation.get("top_k")
     if top_k is not None:
-        md.int32("general.sampling.top_k", top_k, "generation_config top_k")
+        md.int32(Keys.General.SAMPLING_TOP_K, top_k, "generation_config top_k")
 
 
 def text_metadata(model: CanonicalModel, ggml: str, name: str, label: str,
@@ -119,29 +115,32 @@ def text_metadata(model: CanonicalModel, ggml: str, name: str, label: str,
     notes = notes if notes is not None else []
     md = Metadata()
     checked = _Checked(md, str(model.source))
-    md.string("general.architecture", arch)
-    md.string("general.type", "model")
-    md.string("general.name", name)
-    md.string("general.size_label", label)
-    md.uint32("general.file_type", FILE_TYPES[ggml])
-    md.uint32("general.quantization_version", QUANTIZATION_VERSION)
+    md.string(Keys.General.ARCHITECTURE, arch)
+    md.string(Keys.General.TYPE, "model")
+    md.string(Keys.General.NAME, name)
+    md.string(Keys.General.SIZE_LABEL, label)
+    md.uint32(Keys.General.FILE_TYPE, int(file_type(ggml)))
+    md.uint32(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
     _sampling(model.generation_config, checked)
-    counts = (("block_count", t.num_hidden_layers, "num_hidden_layers"),
-              ("context_length", t.max_position_embeddings, "max_position_embeddings"),
-              ("embedding_length", t.hidden_size, "hidden_size"),
-              ("feed_forward_length", t.intermediate_size, "intermediate_size"),
-              ("attention.head_count", t.num_attention_heads, "num_attention_heads"),
-              ("attention.head_count_kv", t.num_key_value_heads, "num_key_value_heads"),
-              ("attention.key_length", t.head_dim, "head_dim"),
-              ("attention.value_length", t.head_dim, "head_dim"))
+    llm, att = Keys.LLM, Keys.Attention
+    counts = ((llm.BLOCK_COUNT, t.num_hidden_layers, "num_hidden_layers"),
+              (llm.CONTEXT_LENGTH, t.max_position_embeddings, "max_position_embeddings"),
+              (llm.EMBEDDING_LENGTH, t.hidden_size, "hidden_size"),
+              (llm.FEED_FORWARD_LENGTH, t.intermediate_size, "intermediate_size"),
+              (att.HEAD_COUNT, t.num_attention_heads, "num_attention_heads"),
+              (att.HEAD_COUNT_KV, t.num_key_value_heads, "num_key_value_heads"),
+              (att.KEY_LENGTH, t.head_dim, "head_dim"),
+              (att.VALUE_LENGTH, t.head_dim, "head_dim"))
     for key, value, source_key in counts:
-        checked.uint32(f"{arch}.{key}", value, source_key)
-    checked.float32(f"{arch}.rope.freq_base", t.rope_theta, "rope_theta")
+        checked.uint32(key.format(arch=arch), value, source_key)
+    checked.float32(Keys.Rope.FREQ_BASE.format(arch=arch), t.rope_theta, "rope_theta")
     _rope_scaling(model, arch, checked, notes)
-    checked.float32(f"{arch}.attention.layer_norm_rms_epsilon", t.rms_norm_eps, "rms_norm_eps")
+    checked.float32(att.LAYERNORM_RMS_EPS.format(arch=arch), t.rms_norm_eps, "rms_norm_eps")
     if t.is_moe:
-        checked.uint32(f"{arch}.expert_count", t.num_experts, "num_experts")
-        checked.uint32(f"{arch}.expert_used_count", t.num_experts_per_tok, "num_experts_per_tok")
-        checked.uint32(f"{arch}.expert_feed_forward_length", t.moe_intermediate_size,
-                       "moe_intermediate_size")
+        moe = ((llm.EXPERT_COUNT, t.num_experts, "num_experts"),
+               (llm.EXPERT_USED_COUNT, t.num_experts_per_tok, "num_experts_per_tok"),
+               (llm.EXPERT_FEED_FORWARD_LENGTH, t.moe_intermediate_size,
+                "moe_intermediate_size"))
+        for key, value, source_key in moe:
+            checked.uint32(key.format(arch=arch), value, source_key)
     return md

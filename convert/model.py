@@ -71,14 +71,47 @@ class TextSpec:
                 and (layer + 1) % max(1, self.decoder_sparse_step) == 0)
 
 
-# what each layer kind computes (``x`` its input; tensor names relative to the layer):
-#   linear      x W^T + b                          weight [out, in], bias [out]
-#   layer_norm  LayerNorm over the last axis        weight [dim], bias [dim]
-#   act         activation(x)                       -
-#   glu         act(x G^T + bg) * (x U^T + bu)      gate.weight, gate.bias, up.weight, up.bias
-#   tanh_gate   x * tanh(g), or x * (1 - tanh(g))   gate [1] or [dim] (the raw learned g)
-#   scale       x * s                               scale [1] or [dim] (a tanh gate applied)
-LAYER_KINDS = ("linear", "layer_norm", "act", "glu", "tanh_gate", "scale")
+@dataclass(frozen=True)
+class LayerKind:
+    """The facts of one projector layer kind, the one place that lists them. Every consumer
+    reads them from :data:`LAYER_KINDS`; only the math is written once per runtime (the torch
+    reference in ``verify/reference.py``, the HF remote code in
+    ``formats/templates/modeling_mmqwen3.py``, the projector GGUF runtime, which runs the kinds
+    of :data:`mmconvert.formats.gguf_constants.PROJECTOR_LAYER_KINDS`)."""
+
+    name: str
+    computes: str  # the math, with its tensors: x the input
+    params: tuple[str, ...] = ()  # tensor names relative to mm.{modality}.{layer}., in order
+    bias_params: tuple[str, ...] = ()  # those of ``params`` present only when ``bias``
+    resizes: bool = False  # out_dim may differ from in_dim (weights are [out, in])
+    uses_activation: bool = False  # ProjectorLayer.activation, else the spec's
+    uses_eps: bool = False  # ProjectorLayer.eps, else the spec's layer_norm_eps
+    per_channel: bool = False  # one tensor of one value, or one per channel (``per_channel``)
+    hf_version: int = 1  # the multimodal_config format version that added it (0: not stored)
+    hf_fields: tuple[str, ...] = ()  # its multimodal_config entry after kind and name, in order
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.bias_params)
+
+
+LAYER_KINDS: dict[str, LayerKind] = {kind.name: kind for kind in (
+    LayerKind("linear", "x W^T + b", ("weight", "bias"), ("bias",), resizes=True,
+              hf_fields=("in_dim", "out_dim", "bias")),
+    LayerKind("layer_norm", "LayerNorm over the last axis (weight, bias)", ("weight", "bias"),
+              ("bias",), uses_eps=True, hf_fields=("dim", "eps", "bias")),
+    LayerKind("act", "activation(x)", uses_activation=True, hf_fields=("activation",)),
+    LayerKind("glu", "act(x G^T + bg) * (x U^T + bu)",
+              ("gate.weight", "gate.bias", "up.weight", "up.bias"), ("gate.bias", "up.bias"),
+              resizes=True, uses_activation=True, hf_version=2,
+              hf_fields=("in_dim", "out_dim", "activation", "bias")),
+    # the raw learned g; the projector GGUF stores it applied, as a scale
+    # (convert/projector_export.py)
+    LayerKind("tanh_gate", "x * tanh(g), or x * (1 - tanh(g)) (complementary)", ("gate",),
+              per_channel=True, hf_version=2, hf_fields=("dim", "per_channel", "complementary")),
+    LayerKind("scale", "x * s (a tanh gate applied)", ("scale",), per_channel=True,
+              hf_version=0),
+)}
 
 
 @dataclass
@@ -89,8 +122,8 @@ class ProjectorLayer:
     name: str
     in_dim: int
     out_dim: int
-    activation: str | None = None  # for kind "act" and "glu"
-    eps: float | None = None  # for kind == "layer_norm"
+    activation: str | None = None  # kinds that use an activation (act, glu)
+    eps: float | None = None  # kinds that use an epsilon (layer_norm)
     bias: bool = True
     per_channel: bool = False  # tanh_gate / scale: one value per channel, else one scalar
     complementary: bool = False  # tanh_gate: 1 - tanh(g); scale: the gate it came from
@@ -99,22 +132,17 @@ class ProjectorLayer:
 
     def params(self) -> list[str]:
         """Tensor names of this layer, relative to ``mm.{modality}.{name}.``."""
-        if self.kind in ("linear", "layer_norm"):
-            return ["weight", "bias"] if self.bias else ["weight"]
-        if self.kind == "glu":
-            return ["gate.weight", "gate.bias", "up.weight", "up.bias"] if self.bias \
-                else ["gate.weight", "up.weight"]
-        if self.kind == "tanh_gate":
-            return ["gate"]
-        if self.kind == "scale":
-            return ["scale"]
-        return []
+        kind = LAYER_KINDS.get(self.kind)
+        if kind is None:
+            return []
+        return [p for p in kind.params if self.bias or p not in kind.bias_params]
 
     def param_shape(self, param: str) -> tuple[int, ...]:
         """The shape of one of :meth:`params` (numpy order)."""
-        if param.endswith("weight") and self.kind in ("linear", "glu"):
+        kind = LAYER_KINDS[self.kind]
+        if param.endswith("weight") and kind.resizes:
             return (self.out_dim, self.in_dim)
-        if param in ("gate", "scale"):
+        if kind.per_channel:
             return (self.out_dim if self.per_channel else 1,)
         return (self.out_dim,)
 

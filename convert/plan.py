@@ -38,6 +38,8 @@ class Piece:
 
 @dataclass(frozen=True)
 class PlannedTensor:
+    """One output tensor (a :class:`~mmconvert.formats.tensor_source.TargetTensor`)."""
+
     name: str  # target name in the output file
     source: TensorRef  # lazy canonical tensor (already carrying its derivation)
     dtype: str  # target dtype: a safetensors dtype ("BF16") or a GGML type name ("Q8_0")

@@ -30,10 +30,16 @@ from mmconvert.convert.rope import neox_fixups
 from mmconvert.convert.tensors import TensorRef
 from mmconvert.errors import UnsupportedError
 from mmconvert.formats import quants
+from mmconvert.formats.gguf_constants import (
+    OUTTYPES,
+    PRECISION_ORDER,
+    TEXT_ARCH,
+    TEXT_MOE_ARCH,
+)
 from mmconvert.formats.gguf_writer import GGUFTensor
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "auto")
-LOW_BIT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+# types under 8 bits per weight keep the logit projection at Q8_0 (llama.cpp's converter too)
+LOW_BIT = tuple(t for t in PRECISION_ORDER if quants.TYPES[t].bits_per_weight < 8)
 
 # canonical name under model.layers.{i}. -> name under blk.{i}., in llama.cpp's reading order
 _LAYER_NAMES = {
@@ -67,7 +73,7 @@ def architecture(model: CanonicalModel) -> str:
     """``qwen3`` or ``qwen3moe``; MoE layouts llama.cpp's qwen3moe cannot run are refused."""
     t = model.text
     if not t.is_moe:
-        return "qwen3"
+        return TEXT_ARCH
     dense = [i for i in range(t.num_hidden_layers) if not t.layer_is_moe(i)]
     if dense:
         raise UnsupportedError(f"layers {dense[:4]} use a dense MLP (mlp_only_layers / "
@@ -76,7 +82,7 @@ def architecture(model: CanonicalModel) -> str:
     if not t.norm_topk_prob:
         raise UnsupportedError("norm_topk_prob is false: llama.cpp's qwen3moe always "
                                "renormalises the top-k expert weights")
-    return "qwen3moe"
+    return TEXT_MOE_ARCH
 
 
 def gguf_tensor_name(canonical: str) -> str:

@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import re
 
-from mmconvert.convert.gguf_metadata import FILE_TYPES, QUANTIZATION_VERSION
-from mmconvert.convert.model import CanonicalModel, ProjectorSpec
+from mmconvert.convert.model import LAYER_KINDS, CanonicalModel, ProjectorSpec
 from mmconvert.convert.plan import Plan, PlannedTensor
 from mmconvert.convert.projector_export import export_projectors, fold_notes
 from mmconvert.errors import UnsupportedError
 from mmconvert.formats import quants
+from mmconvert.formats.gguf_constants import (
+    FUSION_RULE,
+    PROJECTOR_ARCH,
+    PROJECTOR_LAYER_KINDS,
+    PROJECTOR_OUTTYPES,
+    PROJECTOR_TYPE,
+    QUANTIZATION_VERSION,
+    Keys,
+    file_type,
+)
 from mmconvert.formats.gguf_writer import Metadata, ValueType
 
-ARCH = "mmproj-embed"
-SPEC_VERSION = 2  # the newest version this writer produces
-V1_KINDS = ("linear", "layer_norm", "act")
-PROJECTOR_OUTTYPES = ("f32", "f16", "q8_0")
-FUSION_RULE = "replace-placeholders-else-prepend"
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def spec_version(specs: dict[str, ProjectorSpec]) -> int:
     """The lowest spec version that describes these (exported) projectors."""
-    return 1 if all(x.kind in V1_KINDS for s in specs.values() for x in s.layers) else 2
+    return max((PROJECTOR_LAYER_KINDS[x.kind] for s in specs.values() for x in s.layers),
+               default=1)
 
 
 def plan_mmproj(model: CanonicalModel, outtype: str = "f16", fold_linear: bool = False) -> Plan:
@@ -49,7 +54,7 @@ def plan_mmproj(model: CanonicalModel, outtype: str = "f16", fold_linear: bool =
     # layer-norm parameters and scales (1-D) stay F32
     tensors = [PlannedTensor(ref.name, ref, quants.tensor_type(ref.name, ref.shape, ggml),
                              ref.shape) for ref in refs]
-    notes = [f"arch: {ARCH} spec version {spec_version(specs)} (docs/gguf-projector.md)",
+    notes = [f"arch: {PROJECTOR_ARCH} spec version {spec_version(specs)} (docs/gguf-projector.md)",
              f"projector outtype: {ggml}",
              f"modalities in fusion order: {', '.join(model.projectors)}"]
     gates = [f"{m}.{x.name}" for m, s in specs.items() for x in s.layers if x.gate]
@@ -70,44 +75,46 @@ def mmproj_metadata(model: CanonicalModel, ggml: str, name: str,
     projectors as stored (:attr:`Plan.projectors` of :func:`plan_mmproj`)."""
     specs = specs or model.projectors
     md = Metadata()
-    md.string("general.architecture", ARCH)
-    md.string("general.type", "mmproj")
-    md.string("general.name", name)
-    md.uint32("general.file_type", FILE_TYPES[ggml])
-    md.uint32("general.quantization_version", QUANTIZATION_VERSION)
-    md.uint32(f"{ARCH}.spec_version", spec_version(specs))
-    md.uint32(f"{ARCH}.embedding_length", model.text.hidden_size)
-    md.array(f"{ARCH}.modalities", ValueType.STRING, list(specs))
-    md.string(f"{ARCH}.fusion", FUSION_RULE)
-    md.string(f"{ARCH}.placeholder.token", model.multimodal_token)
-    md.int32(f"{ARCH}.placeholder.token_id",
+    k = Keys.Projector
+    md.string(Keys.General.ARCHITECTURE, PROJECTOR_ARCH)
+    md.string(Keys.General.TYPE, PROJECTOR_TYPE)
+    md.string(Keys.General.NAME, name)
+    md.uint32(Keys.General.FILE_TYPE, int(file_type(ggml)))
+    md.uint32(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
+    md.uint32(k.SPEC_VERSION, spec_version(specs))
+    md.uint32(k.EMBEDDING_LENGTH, model.text.hidden_size)
+    md.array(k.MODALITIES, ValueType.STRING, list(specs))
+    md.string(k.FUSION, FUSION_RULE)
+    md.string(k.PLACEHOLDER_TOKEN, model.multimodal_token)
+    md.int32(k.PLACEHOLDER_TOKEN_ID,
              -1 if model.multimodal_token_id is None else model.multimodal_token_id)
     for m, spec in specs.items():
-        p = f"{ARCH}.{m}"
         layers = spec.layers
-        md.uint32(f"{p}.input_dim", spec.input_dim)
-        md.uint32(f"{p}.hidden_dim", spec.hidden_dim)
-        md.uint32(f"{p}.output_dim", spec.output_dim)
-        md.array(f"{p}.layer.names", ValueType.STRING, [x.name for x in layers])
-        md.array(f"{p}.layer.kinds", ValueType.STRING, [x.kind for x in layers])
-        md.array(f"{p}.layer.in_dims", ValueType.UINT32, [x.in_dim for x in layers])
-        md.array(f"{p}.layer.out_dims", ValueType.UINT32, [x.out_dim for x in layers])
-        md.array(f"{p}.layer.activations", ValueType.STRING,
-                 [(x.activation or spec.activation) if x.kind in ("act", "glu") else ""
-                  for x in layers])
-        md.array(f"{p}.layer.eps", ValueType.FLOAT32,
-                 [(x.eps if x.eps is not None else spec.layer_norm_eps)
-                  if x.kind == "layer_norm" else 0.0 for x in layers])
-        md.array(f"{p}.layer.has_bias", ValueType.BOOL,
-                 [x.bias if x.kind in ("linear", "layer_norm", "glu") else False
-                  for x in layers])
+        kinds = [LAYER_KINDS[x.kind] for x in layers]
+
+        def column(name: str, vtype: ValueType, values: list, m: str = m) -> None:
+            md.array(k.LAYER.format(m=m, column=name), vtype, values)
+
+        md.uint32(k.INPUT_DIM.format(m=m), spec.input_dim)
+        md.uint32(k.HIDDEN_DIM.format(m=m), spec.hidden_dim)
+        md.uint32(k.OUTPUT_DIM.format(m=m), spec.output_dim)
+        column("names", ValueType.STRING, [x.name for x in layers])
+        column("kinds", ValueType.STRING, [x.kind for x in layers])
+        column("in_dims", ValueType.UINT32, [x.in_dim for x in layers])
+        column("out_dims", ValueType.UINT32, [x.out_dim for x in layers])
+        column("activations", ValueType.STRING,
+               [(x.activation or spec.activation) if kind.uses_activation else ""
+                for x, kind in zip(layers, kinds)])
+        column("eps", ValueType.FLOAT32,
+               [(x.eps if x.eps is not None else spec.layer_norm_eps) if kind.uses_eps else 0.0
+                for x, kind in zip(layers, kinds)])
+        column("has_bias", ValueType.BOOL,
+               [x.bias and kind.has_bias for x, kind in zip(layers, kinds)])
         # optional, informational keys (a runtime needs neither): where a scale or a linear
         # layer came from, so verify can check it against the checkpoint's tensors
         if any(x.gate for x in layers):
-            md.array(f"{p}.layer.gates", ValueType.STRING,
-                     [("1-tanh" if x.complementary else "tanh") if x.gate else ""
-                      for x in layers])
+            column("gates", ValueType.STRING,
+                   [("1-tanh" if x.complementary else "tanh") if x.gate else "" for x in layers])
         if any(x.folded_from for x in layers):
-            md.array(f"{p}.layer.folded_from", ValueType.STRING,
-                     ["+".join(x.folded_from) for x in layers])
+            column("folded_from", ValueType.STRING, ["+".join(x.folded_from) for x in layers])
     return md

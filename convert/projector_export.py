@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from mmconvert.convert import transforms
-from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
+from mmconvert.convert.model import LAYER_KINDS, CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.tensors import TensorRef, computed_tensor
 from mmconvert.errors import UnsupportedError
 from mmconvert.formats.dtypes import to_float32
@@ -35,7 +35,7 @@ def export_projectors(model: CanonicalModel, *, apply_gates: bool, fold_linear: 
     for modality, spec in model.projectors.items():
         layers, tensors = _export_layers(spec, model, apply_gates, fold_linear)
         # hidden_dim is the width after the first linear (or gated) layer: a fold moves it
-        first = next((x for x in layers if x.kind in ("linear", "glu")), None)
+        first = next((x for x in layers if LAYER_KINDS[x.kind].resizes), None)
         specs[modality] = replace(spec, layers=layers,
                                   hidden_dim=first.out_dim if first else spec.hidden_dim)
         refs += tensors

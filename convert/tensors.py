@@ -45,6 +45,9 @@ class TensorRef:
     ``source_name`` and ``source_file`` say where it came from (for ``--naming source``,
     ``inspect`` and error messages); ``derivation`` lists what was done to the source tensor to
     obtain the canonical one (empty for a plain file-backed tensor).
+
+    It is the :class:`~mmconvert.formats.tensor_source.TensorSource` the writers stream from;
+    two refs that compare equal (every field but the loader) read the same bytes.
     """
 
     name: str

@@ -27,18 +27,21 @@ import hashlib
 import json
 import unicodedata
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from mmconvert.convert.example import QWEN2_SPLIT_REGEX
 from mmconvert.errors import CheckpointError, UnsupportedError
-from mmconvert.formats.gguf_writer import Metadata, ValueType
+from mmconvert.formats.gguf_constants import GGUFValueType, Keys, TokenType
+from mmconvert.formats.gguf_writer import Metadata
 
-if TYPE_CHECKING:
-    from mmconvert.convert.model import CanonicalModel
+# The split regex of Qwen2's pre-tokenizer (Qwen2/2.5/3 ``tokenizer.json``): the text
+# llama.cpp's ``qwen2`` pre-tokenizer hard-codes
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Our check text: every class the pre-tokenizers disagree on (contractions, case, digit runs,
 # punctuation runs, newlines vs spaces, CJK/Hangul/Cyrillic/Arabic/Devanagari, emoji with
@@ -74,15 +77,52 @@ LLAMA_CPP_EOG_TEXTS = frozenset({
 })
 
 
-class TokenType(IntEnum):
-    """llama.cpp's token types (``tokenizer.ggml.token_type``)."""
+class TokenizerFiles(Protocol):
+    """The tokenizer facts the vocabulary is built from (convert's ``TokenizerSpec``)."""
 
-    NORMAL = 1
-    UNKNOWN = 2
-    CONTROL = 3
-    USER_DEFINED = 4
-    UNUSED = 5
-    BYTE = 6
+    @property
+    def directory(self) -> Path: ...  # holds tokenizer.json
+
+    @property
+    def added_tokens(self) -> list[dict[str, Any]]: ...  # {id, content, special}
+
+    @property
+    def tokenizer_config(self) -> dict[str, Any]: ...
+
+    @property
+    def chat_template(self) -> str | None: ...
+
+
+class SpecialTokenIds(Protocol):
+    """Resolved special ids, primary first (convert's ``SpecialIds``)."""
+
+    @property
+    def bos(self) -> list[int]: ...
+
+    @property
+    def eos(self) -> list[int]: ...
+
+    @property
+    def pad(self) -> list[int]: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def pad_id(self) -> int | None: ...
+
+
+class VocabSource(Protocol):
+    """What :func:`build_vocab` reads of a model (convert's ``CanonicalModel`` has it)."""
+
+    @property
+    def source(self) -> Path: ...  # named in errors
+
+    @property
+    def tokenizer(self) -> TokenizerFiles: ...
+
+    @property
+    def special(self) -> SpecialTokenIds: ...
 
 
 @dataclass
@@ -106,26 +146,27 @@ class GGUFVocab:
 
     def add_to(self, md: Metadata) -> None:
         """Write the ``tokenizer.*`` keys (in the order llama.cpp's converter uses)."""
-        md.string("tokenizer.ggml.model", "gpt2")
-        md.string("tokenizer.ggml.pre", self.pre)
-        md.array("tokenizer.ggml.tokens", ValueType.STRING, self.tokens)
-        md.array("tokenizer.ggml.token_type", ValueType.INT32, self.token_types)
-        md.array("tokenizer.ggml.merges", ValueType.STRING, self.merges)
+        k = Keys.Tokenizer
+        md.string(k.MODEL, "gpt2")
+        md.string(k.PRE, self.pre)
+        md.array(k.LIST, GGUFValueType.STRING, self.tokens)
+        md.array(k.TOKEN_TYPE, GGUFValueType.INT32, self.token_types)
+        md.array(k.MERGES, GGUFValueType.STRING, self.merges)
         if self.bos_id is not None:
-            md.uint32("tokenizer.ggml.bos_token_id", self.bos_id)
+            md.uint32(k.BOS_ID, self.bos_id)
         if self.eos_ids:
-            md.uint32("tokenizer.ggml.eos_token_id", self.eos_ids[0])
-            md.array("tokenizer.ggml.eos_token_ids", ValueType.UINT32, self.eos_ids)
+            md.uint32(k.EOS_ID, self.eos_ids[0])
+            md.array(k.EOS_IDS, GGUFValueType.UINT32, self.eos_ids)
         if self.eot_id is not None:
-            md.uint32("tokenizer.ggml.eot_token_id", self.eot_id)
+            md.uint32(k.EOT_ID, self.eot_id)
         if self.eom_id is not None:
-            md.uint32("tokenizer.ggml.eom_token_id", self.eom_id)
+            md.uint32(k.EOM_ID, self.eom_id)
         if self.pad_id is not None:
-            md.uint32("tokenizer.ggml.padding_token_id", self.pad_id)
-        md.boolean("tokenizer.ggml.add_bos_token", self.add_bos)
-        md.boolean("tokenizer.ggml.add_eos_token", self.add_eos)
+            md.uint32(k.PAD_ID, self.pad_id)
+        md.boolean(k.ADD_BOS, self.add_bos)
+        md.boolean(k.ADD_EOS, self.add_eos)
         if self.chat_template:
-            md.string("tokenizer.chat_template", self.chat_template)
+            md.string(k.CHAT_TEMPLATE, self.chat_template)
 
 
 def pre_check_hash(tok: dict[str, Any]) -> str:
@@ -226,9 +267,9 @@ def _secondary_eos(eos: list[int], tokens: list[str]) -> list[int]:
     return [i for i in eos[1:] if tokens[i] not in LLAMA_CPP_EOG_TEXTS]
 
 
-def build_vocab(model: CanonicalModel, n_rows: int, pre_override: str | None = None
+def build_vocab(model: VocabSource, n_rows: int, pre_override: str | None = None
                 ) -> GGUFVocab:
-    """The GGUF vocabulary of ``model`` (a :class:`CanonicalModel`) with ``n_rows`` tokens:
+    """The GGUF vocabulary of ``model`` (e.g. a ``CanonicalModel``) with ``n_rows`` tokens:
     the embedding's rows, so ids beyond the tokenizer are ``[PAD{i}]`` (UNUSED)."""
     spec = model.tokenizer
     path = spec.directory / "tokenizer.json"

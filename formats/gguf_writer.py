@@ -14,9 +14,9 @@ File layout (all integers little-endian)::
 
 :func:`layout_gguf` computes every byte of the header and every tensor's absolute offset before
 any data exists, optionally split into llama.cpp-style shards; :func:`write_gguf` then streams
-all tensors of all files in parallel. Several files that share a source tensor (one text GGUF
-per ``--outtype``) are fed from a single read of each slice of source rows: the slice is
-encoded once per file and ``pwrite``-n into each. Nothing here depends on wall-clock time,
+all tensors of all files in parallel (:mod:`mmconvert.formats.streaming`). Several files that
+share a source tensor (one text GGUF per ``--outtype``) are fed from a single read of each
+slice of source rows: the slice is encoded once per file and ``pwrite``-n into each. Nothing here depends on wall-clock time,
 dict iteration of unordered input or thread scheduling, so the bytes are deterministic.
 """
 
@@ -24,69 +24,35 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmconvert.convert.tensors import TensorRef
-from mmconvert.formats.hashing import sha256_following
-from mmconvert.formats.nonfinite import SCAN
-from mmconvert.formats.streaming import Progress
+from mmconvert.formats.gguf_constants import (
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGUF_VERSION,
+    VALUE_FORMATS,
+    GGMLQuantizationType,
+    Keys,
+)
+from mmconvert.formats.gguf_constants import GGUFValueType as ValueType  # Metadata's name
+from mmconvert.formats.streaming import (
+    CHUNK_BYTES,
+    Encoder,
+    Progress,
+    Target,
+    TensorWrite,
+    create_file,
+    write_tensors,
+)
+from mmconvert.formats.tensor_source import TensorSource
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3
-DEFAULT_ALIGNMENT = 32
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
 MAX_DIMS = 4
-
-# Source bytes per slice. Kept well under glibc's largest dynamic mmap threshold (32 MiB): a
-# freed slice buffer is then reused from the heap instead of being unmapped and page-faulted
-# in afresh for the next slice, which measured 15x fewer page faults and ~1 s less system time
-# per GB written.
-CHUNK_BYTES = 8 << 20
-
-KEY_ALIGNMENT = "general.alignment"
-KEY_SPLIT_NO = "split.no"
-KEY_SPLIT_COUNT = "split.count"
-KEY_SPLIT_TENSORS = "split.tensors.count"
-
-
-class ValueType(IntEnum):
-    """GGUF metadata value types (the numbers are the file format's)."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-_NUMPY: dict[ValueType, str] = {
-    ValueType.UINT8: "<u1", ValueType.INT8: "<i1", ValueType.UINT16: "<u2",
-    ValueType.INT16: "<i2", ValueType.UINT32: "<u4", ValueType.INT32: "<i4",
-    ValueType.FLOAT32: "<f4", ValueType.BOOL: "<u1", ValueType.UINT64: "<u8",
-    ValueType.INT64: "<i8", ValueType.FLOAT64: "<f8",
-}
-
-# ggml tensor types by name (ggml.h's enum ggml_type); names are what plans and quants use
-GGML_TYPE_IDS: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15,
-    "I8": 24, "I16": 25, "I32": 26, "I64": 27, "F64": 28, "BF16": 30,
-}
 
 
 def _string(text: str) -> bytes:
@@ -107,7 +73,7 @@ def _scalars(vtype: ValueType, values: Any) -> bytes:
     """Numbers as ``vtype``, refusing values the type cannot hold (no silent wrap-around)."""
     if vtype == ValueType.BOOL:
         return np.asarray(values, dtype=bool).astype("<u1").tobytes()
-    dtype = np.dtype(_NUMPY[vtype])
+    dtype = np.dtype(VALUE_FORMATS[ValueType(vtype).name])
     if dtype.kind in "iu":
         wide = np.asarray(values, dtype=object if dtype == np.dtype("<u8") else np.int64)
         info = np.iinfo(dtype)
@@ -217,9 +183,6 @@ class Metadata:
         return b"".join(_string(k) + v.encode() for k, v in self._kv.items())
 
 
-Encoder = Callable[[np.ndarray], np.ndarray]  # storage rows -> encoded bytes of those rows
-
-
 @dataclass(frozen=True)
 class GGUFTensor:
     """One tensor to store: numpy-order ``shape``, ggml type name, encoded size and how to get
@@ -229,7 +192,7 @@ class GGUFTensor:
     shape: tuple[int, ...]
     ggml_type: str
     nbytes: int
-    source: TensorRef
+    source: TensorSource
     encode: Encoder = field(repr=False, compare=False)
 
     def info(self, offset: int) -> bytes:
@@ -237,7 +200,7 @@ class GGUFTensor:
         ne = tuple(reversed(self.shape)) or (1,)
         return (_string(self.name) + struct.pack("<I", len(ne))
                 + struct.pack(f"<{len(ne)}Q", *ne)
-                + struct.pack("<IQ", GGML_TYPE_IDS[self.ggml_type], offset))
+                + struct.pack("<IQ", GGMLQuantizationType[self.ggml_type], offset))
 
 
 @dataclass
@@ -263,7 +226,7 @@ def check_tensor(t: GGUFTensor) -> None:
         raise ValueError(f"tensor name {t.name!r} is longer than {MAX_NAME_BYTES} bytes")
     if len(t.shape) > MAX_DIMS:
         raise ValueError(f"tensor {t.name}: {len(t.shape)} dimensions (ggml allows {MAX_DIMS})")
-    if t.ggml_type not in GGML_TYPE_IDS:
+    if t.ggml_type not in GGMLQuantizationType.__members__:
         raise ValueError(f"tensor {t.name}: unknown ggml type {t.ggml_type}")
 
 
@@ -274,7 +237,7 @@ def _one_file(name: str, metadata: Metadata, tensors: Sequence[GGUFTensor], alig
     for t in tensors:
         relative.append(pos)
         pos += t.nbytes + _pad(t.nbytes, alignment)
-    header = bytearray(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata)))
+    header = bytearray(struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata)))
     header += metadata.encode()
     for t, off in zip(tensors, relative):
         header += t.info(off)
@@ -305,7 +268,7 @@ def split_name(stem: str, index: int, count: int) -> str:
 
 
 def layout_gguf(stem: str, metadata: Metadata, tensors: Sequence[GGUFTensor], *,
-                alignment: int = DEFAULT_ALIGNMENT, split_max_bytes: int | None = None
+                alignment: int = GGUF_DEFAULT_ALIGNMENT, split_max_bytes: int | None = None
                 ) -> list[GGUFFile]:
     """Lay out ``<stem>.gguf`` or, when the data exceeds ``split_max_bytes``, its shards.
 
@@ -321,73 +284,25 @@ def layout_gguf(stem: str, metadata: Metadata, tensors: Sequence[GGUFTensor], *,
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names")
     metadata = metadata.copy()
-    if alignment != DEFAULT_ALIGNMENT and KEY_ALIGNMENT not in metadata:
-        metadata.uint32(KEY_ALIGNMENT, alignment)
+    if alignment != GGUF_DEFAULT_ALIGNMENT and Keys.General.ALIGNMENT not in metadata:
+        metadata.uint32(Keys.General.ALIGNMENT, alignment)
     groups = split_groups(tensors, split_max_bytes)
     if len(groups) == 1:
         return [_one_file(f"{stem}.gguf", metadata, tensors, alignment)]
     files = []
     for index, group in enumerate(groups):
         kv = metadata.copy() if index == 0 else Metadata()
-        if index and alignment != DEFAULT_ALIGNMENT:
-            kv.uint32(KEY_ALIGNMENT, alignment)
-        kv.uint16(KEY_SPLIT_NO, index)
-        kv.uint16(KEY_SPLIT_COUNT, len(groups))
-        kv.int32(KEY_SPLIT_TENSORS, len(tensors))
+        if index and alignment != GGUF_DEFAULT_ALIGNMENT:
+            kv.uint32(Keys.General.ALIGNMENT, alignment)
+        kv.uint16(Keys.Split.LLM_KV_SPLIT_NO, index)
+        kv.uint16(Keys.Split.LLM_KV_SPLIT_COUNT, len(groups))
+        kv.int32(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(tensors))
         files.append(_one_file(split_name(stem, index, len(groups)), kv, group, alignment))
     return files
 
 
 # ---------------------------------------------------------------------------------------------
 # phase 2: data
-
-
-@dataclass
-class _Target:
-    fd: int
-    offset: int
-    nbytes: int
-    encode: Encoder
-    name: str
-    written: int = 0
-
-
-def _source_key(ref: TensorRef) -> tuple:
-    """Two planned tensors with this key read the same bytes (one per --outtype file)."""
-    return (ref.name, ref.derivation, ref.source_name, str(ref.source_file), ref.shape, ref.dtype)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset += n
-
-
-def _write_source(ref: TensorRef, targets: list[_Target], progress: Progress | None,
-                  chunk_bytes: int) -> None:
-    """Read ``ref`` a slice of rows at a time; encode and write each slice into every target."""
-    rows = ref.shape[0] if ref.shape else 1
-    row_bytes = ref.nbytes // rows if rows else 0
-    whole = not ref.shape or row_bytes == 0 or not ref.row_streamable
-    step = rows if whole else max(1, chunk_bytes // row_bytes)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        data = ref.read() if (start == 0 and stop == rows) else ref.read_rows(start, stop)
-        SCAN.scan(ref.source_name or ref.name, data, ref.dtype)  # once per slice, not per file
-        for target in targets:
-            view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
-            if target.written + len(view) > target.nbytes:
-                raise AssertionError(f"{target.name}: encoder overflows its {target.nbytes} bytes")
-            _pwrite_all(target.fd, view, target.offset + target.written)
-            target.written += len(view)
-        del data
-        if progress is not None:
-            progress.update((stop - start) * row_bytes)
-    for target in targets:
-        if target.written != target.nbytes:
-            raise AssertionError(f"{target.name}: wrote {target.written} bytes, layout "
-                                 f"reserved {target.nbytes}")
 
 
 def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: bool | None = None,
@@ -403,39 +318,26 @@ def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: bool | None
     files = list(files)
     fds: list[int] = []
     try:
-        jobs: dict[tuple, tuple[TensorRef, list[_Target]]] = {}
-        regions: list[list[tuple[int, tuple]]] = []  # per file: (end offset, job key)
+        # one job per distinct source (equal sources hold equal bytes), in the order the first
+        # file stores them: the hasher follows that order
+        jobs: dict[TensorSource, list[Target]] = {}
         for f in files:
-            fd = os.open(Path(folder) / f.name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            fds.append(fd)
-            os.ftruncate(fd, f.size)
-            _pwrite_all(fd, memoryview(f.header), 0)
-            regions.append([])
+            fds.append(create_file(Path(folder) / f.name, f.size, f.header))
             for t, offset in f.tensors:
-                key = _source_key(t.source)
-                jobs.setdefault(key, (t.source, []))[1].append(
-                    _Target(fd, offset, t.nbytes, t.encode, f"{f.name}:{t.name}"))
-                regions[-1].append((offset + t.nbytes, key))
-        total = sum(ref.nbytes for ref, _ in jobs.values())
-        bar = Progress(total, desc, progress)
+                jobs.setdefault(t.source, []).append(
+                    Target(fds[-1], offset, t.nbytes, t.encode, f"{f.name}:{t.name}"))
+        bar = Progress(sum(source.nbytes for source in jobs), desc, progress)
         try:
-            workers = workers or max(1, os.cpu_count() or 1)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                # insertion order is the first file's tensor order: the hasher can follow
-                futures = {key: pool.submit(_write_source, ref, targets, bar, chunk_bytes)
-                           for key, (ref, targets) in jobs.items()}
-                if digests is not None:
-                    for f, fd, file_regions in zip(files, fds, regions):
-                        ordered = sorted(file_regions, key=lambda r: r[0])
-                        digests[f.name] = sha256_following(
-                            fd, f.size, [(end, futures[key]) for end, key in ordered])
-                for future in futures.values():
-                    future.result()
-            SCAN.finish()  # NaN/Inf seen: warn, or refuse under --strict
+            hashed = write_tensors(
+                [TensorWrite(source, tuple(targets)) for source, targets in jobs.items()],
+                progress=bar, workers=workers, chunk_bytes=chunk_bytes,
+                hash_files=[(fd, f.size) for fd, f in zip(fds, files)] if digests is not None
+                else ())
+            if digests is not None:
+                digests.update({f.name: digest for f, digest in zip(files, hashed)})
         finally:
             bar.close()
     finally:
         for fd in fds:
             os.close(fd)
     return [f.name for f in files]
-

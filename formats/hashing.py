@@ -96,6 +96,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
+    """sha256 of several files (str(path) -> hex), hashed in parallel on a few threads
+    (hashlib releases the GIL)."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        return dict(zip((str(p) for p in paths), pool.map(sha256_file, paths)))
+
+
 def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
     """sha256 of each path (str(path) -> hex), from the cache when the file is unchanged."""
     paths = [Path(p) for p in paths]
@@ -112,9 +120,7 @@ def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
         else:
             todo[p] = identity
     if todo:
-        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-            for p, digest in zip(todo, pool.map(sha256_file, todo)):
-                result[str(p)] = digest
+        result.update(sha256_files(todo))
         if use_cache:
             with _lock:
                 cache = _load_cache()

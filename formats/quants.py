@@ -1,6 +1,8 @@
 """GGML tensor encodings (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in vectorised numpy.
 
-One small class per type, registered by its GGML name. Every kernel repeats the float32
+One small class per type, registered by the GGML type it encodes (``class Q8_0(GGMLType,
+qtype=GGMLQuantizationType.Q8_0)``, as gguf-py's ``quants.py``); ids and sizes are gguf-py's
+(:mod:`mmconvert.formats.gguf_constants`). Every kernel repeats the float32
 operations of the reference (ggml's ``quantize_row_*_ref``, as gguf-py's ``quants.py`` does) in
 the same order, so the bytes are identical to ``gguf.quants.quantize``; what differs is only the
 parts where order cannot change a result: block maxima by pairwise trees, rounding by an exact
@@ -22,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
+
+from mmconvert.formats.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _CHUNK = 1 << 16  # elements per kernel step: the float32 temporaries stay in L2
 _HALF_MINUS_ULP = np.float32(0.49999997)  # nextafter(0.5, 0)
@@ -119,20 +123,23 @@ def _clip_top(q: np.ndarray, levels: int) -> np.ndarray:
 
 
 class GGMLType:
-    """A GGML tensor type: ``block_size`` values are stored in ``type_size`` bytes."""
+    """A GGML tensor type, registered by the type it encodes (``qtype``): ``block_size``
+    values are stored in ``type_size`` bytes (both gguf-py's :data:`GGML_QUANT_SIZES`)."""
 
     name: ClassVar[str]
+    qtype: ClassVar[GGMLQuantizationType]
     type_id: ClassVar[int]  # ggml.h's enum ggml_type
     block_size: ClassVar[int]
     type_size: ClassVar[int]
+    bits_per_weight: ClassVar[float]
     quantized: ClassVar[bool] = True
 
-    def __init_subclass__(cls, type_id: int | None = None, block_size: int = 32,
-                          type_size: int = 0, **kw) -> None:
+    def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kw) -> None:
         super().__init_subclass__(**kw)
-        if type_id is not None:  # None: a shared base, not a type
-            cls.name, cls.type_id = cls.__name__, type_id
-            cls.block_size, cls.type_size = block_size, type_size
+        if qtype is not None:  # None: a shared base, not a type
+            cls.qtype, cls.name, cls.type_id = qtype, qtype.name, int(qtype)
+            cls.block_size, cls.type_size = GGML_QUANT_SIZES[qtype]
+            cls.bits_per_weight = 8 * cls.type_size / cls.block_size
             TYPES[cls.name] = cls
 
     # kernels: float32 blocks (k, block_size) -> out (k, type_size) uint8, and back
@@ -168,7 +175,7 @@ class GGMLType:
 TYPES: dict[str, type[GGMLType]] = {}
 
 
-class F32(GGMLType, type_id=0, block_size=1, type_size=4):
+class F32(GGMLType, qtype=GGMLQuantizationType.F32):
     quantized = False
 
     @classmethod
@@ -180,7 +187,7 @@ class F32(GGMLType, type_id=0, block_size=1, type_size=4):
         return data.view(_F32).copy()
 
 
-class F16(GGMLType, type_id=1, block_size=1, type_size=2):
+class F16(GGMLType, qtype=GGMLQuantizationType.F16):
     quantized = False
 
     @classmethod
@@ -199,7 +206,7 @@ class F16(GGMLType, type_id=1, block_size=1, type_size=2):
         return data.view(np.float16).astype(_F32)
 
 
-class BF16(GGMLType, type_id=30, block_size=1, type_size=2):
+class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
     quantized = False
 
     @classmethod
@@ -220,7 +227,7 @@ class BF16(GGMLType, type_id=30, block_size=1, type_size=2):
         return _widen_bf16(data.view(_U16))
 
 
-class Q8_0(GGMLType, type_id=8, block_size=32, type_size=34):
+class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
     """d (f16) = amax / 127, then 32 x int8 ``roundf(x * (1 / d))``. Bit-exact with
     ``quantize_row_q8_0_ref``: for float32 ``v``, roundf (half away from zero) is exactly
     ``trunc(v + copysign(nextafter(0.5, 0), v))`` (no sum can round across an integer), and
@@ -306,7 +313,7 @@ def _unpack_high_bits(qh: np.ndarray) -> np.ndarray:
     return np.unpackbits(qh, axis=1, bitorder="little") << 4
 
 
-class Q4_0(_SymmetricNibbles, type_id=2, block_size=32, type_size=18):
+class Q4_0(_SymmetricNibbles, qtype=GGMLQuantizationType.Q4_0):
     levels = 16
 
     @classmethod
@@ -318,7 +325,7 @@ class Q4_0(_SymmetricNibbles, type_id=2, block_size=32, type_size=18):
         return cls._decode(_f16_column(data, 0), _unpack_nibbles(data[:, 2:]))
 
 
-class Q5_0(_SymmetricNibbles, type_id=6, block_size=32, type_size=22):
+class Q5_0(_SymmetricNibbles, qtype=GGMLQuantizationType.Q5_0):
     levels = 32
 
     @classmethod
@@ -333,7 +340,7 @@ class Q5_0(_SymmetricNibbles, type_id=6, block_size=32, type_size=22):
         return cls._decode(_f16_column(data, 0), q)
 
 
-class Q4_1(_AffineNibbles, type_id=3, block_size=32, type_size=20):
+class Q4_1(_AffineNibbles, qtype=GGMLQuantizationType.Q4_1):
     levels = 16
 
     @classmethod
@@ -346,7 +353,7 @@ class Q4_1(_AffineNibbles, type_id=3, block_size=32, type_size=20):
         return cls._decode(_f16_column(data, 0), q, _f16_column(data, 2))
 
 
-class Q5_1(_AffineNibbles, type_id=7, block_size=32, type_size=24):
+class Q5_1(_AffineNibbles, qtype=GGMLQuantizationType.Q5_1):
     levels = 32
 
     @classmethod

@@ -10,11 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from mmconvert.convert.plan import PlannedTensor
 from mmconvert.formats.dtypes import STORAGE_DTYPES, convert
-from mmconvert.formats.streaming import Progress, TensorWrite, write_tensors
+from mmconvert.formats.streaming import (
+    Progress,
+    Target,
+    TensorWrite,
+    create_file,
+    write_tensors,
+)
+from mmconvert.formats.tensor_source import TargetTensor
 
 ALIGN = 8  # data section starts 8-byte aligned, like the safetensors library
 
@@ -38,13 +45,18 @@ def parse_size(text: str | int) -> int:
     return int(value * factor)
 
 
-def shard_groups(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def _nbytes(t: TargetTensor) -> int:
+    return math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+
+
+def shard_groups(tensors: Sequence[TargetTensor], max_shard_bytes: int
+                 ) -> list[list[TargetTensor]]:
     """Greedy, order-preserving split into shards of at most ``max_shard_bytes`` (a tensor larger
     than that gets a shard of its own)."""
-    groups: list[list[PlannedTensor]] = [[]]
+    groups: list[list[TargetTensor]] = [[]]
     size = 0
     for t in tensors:
-        nbytes = math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+        nbytes = _nbytes(t)
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -53,12 +65,12 @@ def shard_groups(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[lis
     return groups
 
 
-def _header(group: list[PlannedTensor], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
+def _header(group: list[TargetTensor], metadata: dict[str, str]) -> tuple[bytes, list[int]]:
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offsets = []
     pos = 0
     for t in group:
-        nbytes = math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
+        nbytes = _nbytes(t)
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
         offsets.append(pos)
         pos += nbytes
@@ -73,7 +85,7 @@ def _encoder(src: str, dst: str):
     return encode
 
 
-def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_bytes: int,
+def write_safetensors(folder: Path, tensors: Sequence[TargetTensor], *, max_shard_bytes: int,
                       metadata: dict[str, str] | None = None, stem: str = "model",
                       progress: bool | None = None,
                       digests: dict[str, str] | None = None) -> list[str]:
@@ -93,27 +105,23 @@ def write_safetensors(folder: Path, tensors: list[PlannedTensor], *, max_shard_b
         for name, group in zip(names, groups):
             raw, offsets = _header(group, metadata)
             data_start = 8 + len(raw)
-            size = data_start + sum(math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
-                                    for t in group)
-            fd = os.open(folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            size = data_start + sum(_nbytes(t) for t in group)
+            fd = create_file(folder / name, size, len(raw).to_bytes(8, "little") + raw)
             try:
-                os.ftruncate(fd, size)
-                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-                jobs = [TensorWrite(t.source, data_start + off,
-                                    math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize,
-                                    _encoder(t.source.dtype, t.dtype))
+                jobs = [TensorWrite(t.source, (Target(fd, data_start + off, _nbytes(t),
+                                                      _encoder(t.source.dtype, t.dtype),
+                                                      f"{name}:{t.name}"),))
                         for t, off in zip(group, offsets)]
-                digest = write_tensors(fd, jobs, bar,
-                                       digest_size=size if digests is not None else None)
-                if digests is not None and digest is not None:
-                    digests[name] = digest
+                hashed = write_tensors(jobs, progress=bar,
+                                       hash_files=[(fd, size)] if digests is not None else ())
+                if digests is not None:
+                    digests[name] = hashed[0]
             finally:
                 os.close(fd)
     finally:
         bar.close()
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(math.prod(t.shape) * STORAGE_DTYPES[t.dtype].itemsize
-                                                for t in tensors)},
+        index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors)},
                  "weight_map": {t.name: n for n, g in zip(names, groups) for t in g}}
         (folder / f"{stem}.safetensors.index.json").write_text(
             json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -25,7 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
-from mmconvert.convert.example import CHAT_TEMPLATE, QWEN2_SPLIT_REGEX
+from mmconvert.convert.example import CHAT_TEMPLATE
+from mmconvert.formats.gguf_vocab import QWEN2_SPLIT_REGEX
 from testkit.checkpoints import ExampleOptions
 
 FORMAT_VERSION = 1

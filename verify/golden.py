@@ -29,7 +29,7 @@ import torch
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.errors import ReferenceFileError
-from mmconvert.formats.bundle import sha256_files
+from mmconvert.formats.hashing import sha256_files
 from mmconvert.verify.cases import CASES_KEY, CASES_VERSION, cases_from_entries, cases_to_file_parts
 from mmconvert.verify.harness import ReferenceLogits
 

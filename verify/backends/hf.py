@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpec
+from mmconvert.convert.model import LAYER_KINDS, CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
 from mmconvert.convert.rope import undo_neox_fixup
 from mmconvert.verify.backends import (
@@ -51,7 +51,8 @@ def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, Pro
                     kind, layer["name"], int(layer.get("in_dim", dim or 0)),
                     int(layer.get("out_dim", dim or 0)), activation=layer.get("activation"),
                     eps=float(layer["eps"]) if kind == "layer_norm" else None,
-                    bias=bool(layer.get("bias", kind not in ("act", "tanh_gate"))),
+                    bias=bool(layer.get("bias", kind not in LAYER_KINDS
+                                                   or LAYER_KINDS[kind].has_bias)),
                     per_channel=bool(layer.get("per_channel", False)),
                     complementary=bool(layer.get("complementary", False)),
                     folded_from=tuple(layer.get("folded_from") or ())))
