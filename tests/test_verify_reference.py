@@ -135,3 +135,18 @@ def test_interleaved_reference_is_a_different_model(example_ckpt):
     # position 0 has no rotation: the only difference there is the head-dim order, which the
     # dot products do not see
     assert torch.allclose(neox.logits(ids)[0], inter.logits(ids)[0], atol=1e-5)
+
+
+def test_saved_inputs_are_replayed_from_aligned_memory(make_checkpoint, tmp_path):
+    """Items read back from a reference or cases file must sit in fresh, 64-byte aligned
+    memory as a full run's generated items do: CPU matmul kernels may round inputs at other
+    alignments differently (a saved-reference verify then differs from a full run on AVX2)."""
+    from mmconvert.convert.readers import read_checkpoint
+    from mmconvert.verify.cases import default_cases, load_cases_file, write_cases_file
+
+    model = read_checkpoint(make_checkpoint())
+    path = tmp_path / "cases.safetensors"
+    write_cases_file(path, default_cases(model, generate=0))
+    items = [item for case in load_cases_file(path, model, 0)
+             for items in case.mm_inputs.values() for item in items]
+    assert items and all(item.data_ptr() % 64 == 0 for item in items)

@@ -249,7 +249,10 @@ def cases_from_entries(entries: list[dict[str, Any]], tensors: dict[str, torch.T
                 if key not in tensors:
                     raise CasesError(f"{where}: case {name!r} names tensor {key!r}, which the "
                                      "file does not hold")
-                item = tensors[key].float()
+                # a fresh, 64-byte aligned copy like the items a full run generates: tensors
+                # read from a safetensors file sit at the file's offsets (8-byte aligned), and
+                # on AVX2 the matmul kernels round unaligned inputs differently (~2e-6)
+                item = tensors[key].float().clone()
                 if model is not None and item.shape[-1] != model.projectors[modality].input_dim:
                     raise CasesError(
                         f"{where}: case {name!r}: tensor {key!r} has shape {list(item.shape)}; "
