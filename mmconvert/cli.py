@@ -39,13 +39,17 @@ def format_error(message: str) -> str:
     return "\n".join([f"error: {first}", *(f"  {line}" for line in rest)])
 
 
+# where a too-long first line may break, best first: (separator, what ends the first line)
+_CLAUSE_BREAKS = (("; ", ";"), (". ", "."), (": ", ":"), (" (", ""), (", ", ","), (" ", ""))
+
+
 def _split_clause(line: str, width: int) -> tuple[str, str]:
-    """``line`` cut before ``width`` at a clause break ("; ", ": ", " (", ", ", " "), else hard."""
-    for sep in ("; ", ". ", ": ", " (", ", ", " "):
-        cut = line.rfind(sep, width // 3, width - 1)
+    """``line`` cut to at most ``width`` characters at the best clause break, else hard."""
+    for sep, keep in _CLAUSE_BREAKS:
+        cut = line.rfind(sep, width // 3, width - len(keep))
         if cut > 0:
-            keep = sep.rstrip() if sep.strip() in (";", ".", ":", ",") else ""
-            return line[:cut] + keep, line[cut + len(sep) - (1 if sep == " (" else 0):].strip()
+            rest = line[cut + 1:] if sep == " (" else line[cut + len(sep):]
+            return line[:cut] + keep, rest.strip()
     return line[:width], line[width:]
 
 

@@ -73,3 +73,20 @@ def test_two_tensors_that_unwrap_to_one_name_are_one_error_line(example_ckpt, tm
     with pytest.raises(CheckpointError, match="both become") as caught:
         read_checkpoint(ckpt)
     assert caught.value.name == name
+
+
+def test_an_error_line_is_cause_first_and_short():
+    from mmconvert.cli import MAX_ERROR_LINE, format_error
+
+    path = "/tmp/" + "deep/" * 30 + "model.safetensors"
+    text = format_error(f"{path}: header is not valid JSON\nmore detail")
+    first, *details = text.splitlines()
+    assert first == "error: model.safetensors: header is not valid JSON"
+    assert details == [f"  file: {path}", "  more detail"]
+    listing = "model_type 'x' is not supported. Supported: " + ", ".join(f"d{i:03d}" for i in range(99))
+    first, *details = format_error(listing).splitlines()
+    assert len(first) <= MAX_ERROR_LINE and first.startswith("error: model_type 'x' is not")
+    assert details and all(line.startswith("  ") for line in details)
+    rebuilt = " ".join([first.removeprefix("error: ")] + [d.strip() for d in details])
+    assert rebuilt.replace(",", "").split() == listing.replace(",", "").split()
+    assert format_error("short") == "error: short"
