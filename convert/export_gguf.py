@@ -39,6 +39,7 @@ from mmconvert.formats.bundle import (
 from mmconvert.formats.gguf_vocab import build_vocab
 from mmconvert.formats.gguf_writer import GGUFFile, Metadata, layout_gguf, write_gguf
 from mmconvert.formats.hashing import SourceHashes
+from mmconvert.formats.streaming import ProgressFactory
 from mmconvert.publish.model_card import write_bundle_card
 
 Log = Callable[[str], None]
@@ -131,7 +132,8 @@ def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
 def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = ("auto",),
                 projector_outtype: str = "f16", name: str | None = None,
                 split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
-                force: bool = False, progress: bool | None = None, log: Log | None = None,
+                force: bool = False, progress: ProgressFactory | None = None,
+                log: Log | None = None,
                 checksums: bool = True, fold_linear: bool = False,
                 inputs: Iterable[Input] = ()) -> list[str]:
     """Write the GGUF bundle into ``out``; return the file names written.
@@ -142,6 +144,9 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     ``checksums``: record the sha256 of every source and output file in the manifest. Outputs
     are hashed while they are written and sources in the background (and remembered in the
     hash cache, see :mod:`mmconvert.formats.hashing`); ``False`` records sizes only.
+
+    ``progress``: called once with the bytes the run writes (every outtype's file together);
+    the callback it returns gets each written slice's byte count, from the writer's threads.
     """
     job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
                        split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer,
@@ -152,7 +157,8 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
         for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
             if log is not None:
                 log(note)
-        names = write_gguf(tmp, job.files, progress=progress, digests=digests)
+        report = progress(sum(f.data_bytes for f in job.files)) if progress else None
+        names = write_gguf(tmp, job.files, progress=report, digests=digests)
         transforms: list[str] = []
         for plan in job.plans:
             transforms += [s for s in plan.transforms_applied() if s not in transforms]

@@ -24,7 +24,8 @@ from mmconvert.formats.bundle import (
 )
 from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.hf_folder import write_hf_files
-from mmconvert.formats.safetensors_writer import write_safetensors
+from mmconvert.formats.safetensors_writer import data_bytes, write_safetensors
+from mmconvert.formats.streaming import ProgressFactory
 from mmconvert.publish.model_card import write_bundle_card
 
 PROJECTOR_PREFIX = "multimodal_projector."
@@ -32,21 +33,25 @@ PROJECTOR_PREFIX = "multimodal_projector."
 
 def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
               max_shard_bytes: int = 5 * 10**9, force: bool = False,
-              progress: bool | None = None, fold_linear: bool = False,
+              progress: ProgressFactory | None = None, fold_linear: bool = False,
               inputs: Iterable[Input] = ()) -> list[str]:
     """Write the HF bundle to ``out`` (atomically); return the files written. ``inputs``: what
-    the user named besides the model, which OUT may not overlap (see :class:`BundleDir`)."""
+    the user named besides the model, which OUT may not overlap (see :class:`BundleDir`);
+    ``progress`` as in :func:`~mmconvert.convert.export_gguf.export_gguf` (one total for the
+    language model and the projector)."""
     out = Path(out)
     lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
     sources = SourceHashes(manifest_sources(model))  # overlaps the writing
     digests: dict[str, str] = {}
     with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
+        report = (progress(data_bytes(lm_plan.tensors) + data_bytes(projector_plan.tensors))
+                  if progress else None)
         files = write_safetensors(tmp, lm_plan.tensors, max_shard_bytes=max_shard_bytes,
-                                  progress=progress, digests=digests)
+                                  progress=report, digests=digests)
         # the projector is small: always one file, whatever the shard limit
         whole = sum(t.source.nbytes for t in projector_plan.tensors) * 2 + 1
         files += write_safetensors(tmp, projector_plan.tensors, stem=PROJECTOR_STEM,
-                                   max_shard_bytes=whole, progress=progress)
+                                   max_shard_bytes=whole, progress=report)
         config_dtype = hf_config_dtype(model, dtype)
         projector = projector_config(model, PROJECTOR_FILE, PROJECTOR_PREFIX,
                                      projector_plan.projectors)

@@ -17,22 +17,25 @@ from mmconvert.formats.bundle import (
 )
 from mmconvert.formats.hashing import SourceHashes
 from mmconvert.formats.safe_paths import copy_inside
-from mmconvert.formats.safetensors_writer import write_safetensors
+from mmconvert.formats.safetensors_writer import data_bytes, write_safetensors
+from mmconvert.formats.streaming import ProgressFactory
 from mmconvert.publish.model_card import write_bundle_card
 
 
 def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "source",
                        dtype: str = "auto", max_shard_bytes: int = 5 * 10**9,
-                       force: bool = False, progress: bool | None = None,
+                       force: bool = False, progress: ProgressFactory | None = None,
                        inputs: Iterable[Input] = ()) -> list[str]:
     """Write the safetensors bundle to ``out``; return the files written. ``inputs``: what the
-    user named besides the model, which OUT may not overlap (see :class:`BundleDir`)."""
+    user named besides the model, which OUT may not overlap (see :class:`BundleDir`);
+    ``progress`` as in :func:`~mmconvert.convert.export_gguf.export_gguf`."""
     plan = plan_safetensors(model, naming, dtype)
     sources = SourceHashes(manifest_sources(model))  # overlaps the writing
     digests: dict[str, str] = {}
     with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
+        report = progress(data_bytes(plan.tensors)) if progress else None
         files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
-                                  progress=progress, digests=digests)
+                                  progress=report, digests=digests)
         files += copy_side_files(model, tmp, with_config=naming == "source")
         write_manifest(tmp, kind="safetensors", model=model,
                        options={"naming": naming, "dtype": dtype, "max_shard_bytes": max_shard_bytes},

@@ -305,15 +305,17 @@ def layout_gguf(stem: str, metadata: Metadata, tensors: Sequence[GGUFTensor], *,
 # phase 2: data
 
 
-def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: bool | None = None,
+def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: Progress | None = None,
                workers: int | None = None, chunk_bytes: int = CHUNK_BYTES,
-               desc: str = "writing GGUF", digests: dict[str, str] | None = None) -> list[str]:
+               digests: dict[str, str] | None = None) -> list[str]:
     """Create every laid-out file under ``folder`` and stream all tensor data; return names.
 
     Files are pre-sized (so gaps are zero padding) and their headers written first; then one
     job per distinct source tensor runs on a thread pool, in file order, writing into every
     file that stores it. With ``digests``, the calling thread hashes each file region by region
-    as the jobs finish (sha256 per file name), overlapping the conversion.
+    as the jobs finish (sha256 per file name), overlapping the conversion. ``progress`` gets
+    the bytes written slice by slice, adding up to the files' ``data_bytes``
+    (:func:`~mmconvert.formats.streaming.write_tensors`).
     """
     files = list(files)
     fds: list[int] = []
@@ -326,17 +328,13 @@ def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: bool | None
             for t, offset in f.tensors:
                 jobs.setdefault(t.source, []).append(
                     Target(fds[-1], offset, t.nbytes, t.encode, f"{f.name}:{t.name}"))
-        bar = Progress(sum(source.nbytes for source in jobs), desc, progress)
-        try:
-            hashed = write_tensors(
-                [TensorWrite(source, tuple(targets)) for source, targets in jobs.items()],
-                progress=bar, workers=workers, chunk_bytes=chunk_bytes,
-                hash_files=[(fd, f.size) for fd, f in zip(fds, files)] if digests is not None
-                else ())
-            if digests is not None:
-                digests.update({f.name: digest for f, digest in zip(files, hashed)})
-        finally:
-            bar.close()
+        hashed = write_tensors(
+            [TensorWrite(source, tuple(targets)) for source, targets in jobs.items()],
+            progress=progress, workers=workers, chunk_bytes=chunk_bytes,
+            hash_files=[(fd, f.size) for fd, f in zip(fds, files)] if digests is not None
+            else ())
+        if digests is not None:
+            digests.update({f.name: digest for f, digest in zip(files, hashed)})
     finally:
         for fd in fds:
             os.close(fd)

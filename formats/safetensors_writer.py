@@ -85,13 +85,19 @@ def _encoder(src: str, dst: str):
     return encode
 
 
+def data_bytes(tensors: Sequence[TargetTensor]) -> int:
+    """Tensor bytes :func:`write_safetensors` writes for ``tensors`` (its progress total)."""
+    return sum(_nbytes(t) for t in tensors)
+
+
 def write_safetensors(folder: Path, tensors: Sequence[TargetTensor], *, max_shard_bytes: int,
                       metadata: dict[str, str] | None = None, stem: str = "model",
-                      progress: bool | None = None,
+                      progress: Progress | None = None,
                       digests: dict[str, str] | None = None) -> list[str]:
     """Write ``tensors`` into ``folder``; return the file names written (index included).
 
     When ``digests`` is given, each shard's sha256 (computed while writing) is stored in it.
+    ``progress`` gets the bytes written slice by slice, adding up to :func:`data_bytes`.
     """
     metadata = {"format": "pt", **(metadata or {})}
     groups = shard_groups(tensors, max_shard_bytes)
@@ -99,27 +105,22 @@ def write_safetensors(folder: Path, tensors: Sequence[TargetTensor], *, max_shar
         names = [f"{stem}.safetensors"]
     else:
         names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    total = sum(t.source.nbytes for t in tensors)
-    bar = Progress(total, f"writing {folder.name or 'safetensors'}", progress)
-    try:
-        for name, group in zip(names, groups):
-            raw, offsets = _header(group, metadata)
-            data_start = 8 + len(raw)
-            size = data_start + sum(_nbytes(t) for t in group)
-            fd = create_file(folder / name, size, len(raw).to_bytes(8, "little") + raw)
-            try:
-                jobs = [TensorWrite(t.source, (Target(fd, data_start + off, _nbytes(t),
-                                                      _encoder(t.source.dtype, t.dtype),
-                                                      f"{name}:{t.name}"),))
-                        for t, off in zip(group, offsets)]
-                hashed = write_tensors(jobs, progress=bar,
-                                       hash_files=[(fd, size)] if digests is not None else ())
-                if digests is not None:
-                    digests[name] = hashed[0]
-            finally:
-                os.close(fd)
-    finally:
-        bar.close()
+    for name, group in zip(names, groups):
+        raw, offsets = _header(group, metadata)
+        data_start = 8 + len(raw)
+        size = data_start + sum(_nbytes(t) for t in group)
+        fd = create_file(folder / name, size, len(raw).to_bytes(8, "little") + raw)
+        try:
+            jobs = [TensorWrite(t.source, (Target(fd, data_start + off, _nbytes(t),
+                                                  _encoder(t.source.dtype, t.dtype),
+                                                  f"{name}:{t.name}"),))
+                    for t, off in zip(group, offsets)]
+            hashed = write_tensors(jobs, progress=progress,
+                                   hash_files=[(fd, size)] if digests is not None else ())
+            if digests is not None:
+                digests[name] = hashed[0]
+        finally:
+            os.close(fd)
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors)},
                  "weight_map": {t.name: n for n, g in zip(names, groups) for t in g}}

@@ -55,22 +55,26 @@ class TensorWrite:
     targets: tuple[Target, ...]
 
 
-class Progress:
-    """A thread-safe byte counter behind a tqdm bar (silent when not a terminal or disabled)."""
+Progress = Callable[[int], None]  # bytes just written (a slice's, all its targets together)
+ProgressFactory = Callable[[int], Progress]  # total bytes the run will write -> its callback
 
-    def __init__(self, total: int, desc: str, enabled: bool | None = None):
-        from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                         disable=(None if enabled is None else not enabled), leave=False)
-        self._lock = threading.Lock()
+def locked(progress: Progress | None) -> Progress | None:
+    """``progress`` made safe to call from the pool's threads (one call at a time)."""
+    if not progress:  # None (or False, the old "no bar")
+        return None
+    lock = threading.Lock()
 
-    def update(self, n: int) -> None:
-        with self._lock:
-            self._bar.update(n)
+    def report(n: int) -> None:
+        with lock:
+            progress(n)
 
-    def close(self) -> None:
-        self._bar.close()
+    return report
+
+
+def data_bytes(jobs: Sequence[TensorWrite]) -> int:
+    """Bytes :func:`write_tensors` writes for ``jobs``: what its ``progress`` adds up to."""
+    return sum(t.nbytes for job in jobs for t in job.targets)
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -98,13 +102,14 @@ def create_file(path: Path, size: int, header: bytes) -> int:
 def write_source(job: TensorWrite, progress: Progress | None = None,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
     """Read ``job.source`` a slice of rows at a time; encode and write each slice into every
-    target."""
+    target, then call ``progress`` (if any) with the bytes just written."""
     ref = job.source
     rows = ref.shape[0] if ref.shape else 1
     row_bytes = ref.nbytes // rows if rows else 0
     whole = not ref.shape or row_bytes == 0 or not ref.row_streamable
     step = rows if whole else max(1, chunk_bytes // row_bytes)
     written = [0] * len(job.targets)
+    done = 0  # bytes written for this slice, all targets together
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         data = ref.read() if (start == 0 and stop == rows) else ref.read_rows(start, stop)
@@ -116,9 +121,11 @@ def write_source(job: TensorWrite, progress: Progress | None = None,
                                      "bytes")
             pwrite_all(target.fd, view, target.offset + written[i])
             written[i] += len(view)
+            done += len(view)
         del data
         if progress is not None:
-            progress.update((stop - start) * row_bytes)
+            progress(done)
+            done = 0
     for target, n in zip(job.targets, written):
         if n != target.nbytes:
             raise AssertionError(f"{target.label}: wrote {n} bytes, layout reserved "
@@ -134,7 +141,12 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
     ``(fd, size)`` in ``hash_files`` the calling thread hashes the file region by region as the
     jobs filling it finish (:func:`~mmconvert.formats.hashing.sha256_following`), overlapping
     the conversion; the digests come back in ``hash_files`` order.
+
+    ``progress`` is called (from the pool's threads, one call at a time) with the bytes each
+    slice wrote into its targets; the calls add up to :func:`data_bytes` of ``jobs``. It does
+    not touch the bytes written.
     """
+    progress = locked(progress)
     workers = workers or max(1, os.cpu_count() or 1)
     digests = []
     with ThreadPoolExecutor(max_workers=workers) as pool:

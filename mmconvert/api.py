@@ -13,7 +13,8 @@ Each function reads the checkpoint itself, with the same read options the comman
 returns a result object; none prints or exits. Problems raise the classes of
 :mod:`mmconvert.errors` (input errors are ``ValueError`` s too), warnings go to a ``warn``
 callback when one is given and through :func:`warnings.warn` otherwise, progress notes to a
-``log`` callback (dropped without one). The command line (``mmconvert/commands/``) is a thin
+``log`` callback (dropped without one), and a progress bar only through a ``progress``
+callback (the exports'). The command line (``mmconvert/commands/``) is a thin
 layer over these functions: its options, its printing and its exit codes.
 
 Imports stay inside the functions: ``import mmconvert.api`` costs nothing (``mmconvert
@@ -49,6 +50,9 @@ __all__ = ["BACKENDS", "ExportResult", "PushResult", "ReadKwargs", "ReadOptions"
 
 PathLike = str | os.PathLike
 Log = Callable[[str], None]
+# progress: called once with the bytes an export will write, returns the callback that then
+# gets the bytes of each slice as it is written (from the writer's threads, one call at a time)
+ProgressFactory = Callable[[int], Callable[[int], None]]
 BACKENDS = ("safetensors", "hf", "gguf_torch", "gguf_llama")
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # to_hf and to_safetensors
 ROPE_LAYOUTS = ("neox", "interleaved")
@@ -229,6 +233,7 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
             pre_tokenizer: str | None = None, fold_linear: bool = False, checksums: bool = True,
             force: bool = False, strict: bool = False, dry_run: bool = False,
             log: Log | None = None, warn: Log | None = None,
+            progress: ProgressFactory | None = None,
             **read: Unpack[ReadKwargs]) -> ExportResult:
     """Write the GGUF bundle for llama.cpp (``mmconvert to-gguf``): one text GGUF per
     outtype, the projector GGUF (docs/gguf-projector.md) and ``mmconvert.json``.
@@ -249,6 +254,9 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
             (:class:`~mmconvert.errors.NonFiniteWeightsError`, nothing written).
         dry_run: plan only; the result's ``plan`` is what ``--dry-run`` prints.
         log: receives progress notes; warn: receives warnings (else :func:`warnings.warn`).
+        progress: for a progress bar: called once with the total bytes the export writes
+            (all outtypes together) and returns a callback, which gets the bytes of each slice
+            as it is written (thread-safe calls; they add up to the total). None: no progress.
 
     Raises:
         CheckpointError / UnsupportedError: the checkpoint cannot be read or converted (an
@@ -271,13 +279,14 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
     out = default_out(ckpt, "gguf") if out is None else Path(out)
     with _weights_policy(strict, warn):
         files = export_gguf(model, out, force=force, checksums=checksums,
-                            log=_notes(log, warn), inputs=inputs, **options)
+                            log=_notes(log, warn), inputs=inputs, progress=progress, **options)
     return ExportResult(out, files)
 
 
 def to_hf(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", fold_linear: bool = False, force: bool = False,
           strict: bool = False, dry_run: bool = False, warn: Log | None = None,
+          progress: ProgressFactory | None = None,
           **read: Unpack[ReadKwargs]) -> ExportResult:
     """Write a Hugging Face folder (``mmconvert to-hf``): a standard Qwen3 model plus the
     projectors and remote code, so ``AutoModelForCausalLM.from_pretrained(out,
@@ -306,14 +315,15 @@ def to_hf(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = "auto",
     out = default_out(ckpt, "hf") if out is None else Path(out)
     with _weights_policy(strict, warn):
         files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
-                          fold_linear=fold_linear, inputs=inputs)
+                          fold_linear=fold_linear, inputs=inputs, progress=progress)
     return ExportResult(out, files)
 
 
 def to_safetensors(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = "auto",
                    naming: Literal["source", "hf"] = "source", max_shard_size: int | str = "5GB",
                    force: bool = False, strict: bool = False, dry_run: bool = False,
-                   warn: Log | None = None, **read: Unpack[ReadKwargs]) -> ExportResult:
+                   warn: Log | None = None, progress: ProgressFactory | None = None,
+                   **read: Unpack[ReadKwargs]) -> ExportResult:
     """Write every tensor as sharded safetensors with an index (``mmconvert to-safetensors``).
 
     Args:
@@ -338,7 +348,8 @@ def to_safetensors(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = 
     out = default_out(ckpt, "safetensors") if out is None else Path(out)
     with _weights_policy(strict, warn):
         files = export_safetensors(model, out, naming=naming, dtype=dtype,
-                                   max_shard_bytes=shard_bytes, force=force, inputs=inputs)
+                                   max_shard_bytes=shard_bytes, force=force, inputs=inputs,
+                                   progress=progress)
     return ExportResult(out, files)
 
 

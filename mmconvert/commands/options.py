@@ -1,5 +1,6 @@
 """Options and parsers the commands share: how to read the checkpoint, ``--out``, ``--force``,
-``--dry-run``, ``--strict``, sizes, and ``--push-to`` with its friends.
+``--dry-run``, ``--strict``, ``--quiet`` (the progress bar), sizes, and ``--push-to`` with its
+friends.
 
 Decorators that gather several options hand the command one argument instead:
 :func:`source_options` gives ``read`` (a dict of :class:`mmconvert.api.ReadKwargs`, only the
@@ -10,6 +11,9 @@ imports :mod:`mmconvert.cli` or another command, so any module may import this o
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +62,65 @@ def source_options(fn: Callable) -> Callable:
                            help="Base Qwen3 folder (config, tokenizer, generation config) when "
                                 "the checkpoint does not embed them.")(wrapper)
     return wrapper
+
+
+class ByteBar:
+    """A tqdm bar over the bytes an export writes, as the API's ``progress`` factory: called with
+    the total it opens the bar and returns its ``update``; the bar closes (and clears its line)
+    once the total is reached, so the command's final line prints on a clean terminal."""
+
+    def __init__(self, desc: str = "writing"):
+        self.desc = desc
+        self._bar: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self, total: int) -> Callable[[int], None]:
+        from tqdm import tqdm  # only here: importing it costs the commands' start-up
+
+        try:
+            columns, lines = os.get_terminal_size(sys.stderr.fileno())
+        except (OSError, ValueError):
+            columns = lines = 0
+        # a terminal that reports no size (`script` without one, some CI runners) would get
+        # no bar from tqdm at all: give it 80 columns; else follow resizes
+        size = ({"dynamic_ncols": True} if columns > 0 and lines > 0
+                else {"ncols": columns if columns > 0 else 80, "nrows": 20})
+        self.close()
+        self._bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True,
+                         unit_divisor=1024, leave=False, file=sys.stderr, **size)
+        return self.update
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            bar = self._bar
+            if bar is not None:
+                bar.update(n)
+                if bar.n >= bar.total:
+                    self.close()
+
+    def close(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
+
+
+def progress_option(fn: Callable) -> Callable:
+    """``-q/--quiet`` for the converting commands; the command receives ``progress``: a
+    :class:`ByteBar` when stderr is a terminal and not ``--quiet``, else None. Goes below
+    ``user_errors``, so that a refusal or Ctrl-C closes the bar before its line is printed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, quiet: bool, **kwargs: Any) -> Any:
+        bar = None if quiet or not sys.stderr.isatty() else ByteBar()
+        try:
+            return fn(*args, progress=bar, **kwargs)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="No progress bar (one is shown only when stderr is a "
+                             "terminal).")(wrapper)
 
 
 def strict_option(fn: Callable) -> Callable:
