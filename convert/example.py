@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmconvert.formats.bundle import follow_umask
 from mmconvert.formats.gguf_vocab import QWEN2_SPLIT_REGEX
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -230,4 +231,5 @@ def write_example(out: Path, shape: ExampleShape | None = None) -> Path:
     write_json(out / "config.json", mm)
     save_file(random_state_dict(shape, ids["size"]), str(out / "model.safetensors"),
               metadata={"format": "pt"})
+    follow_umask(out / "model.safetensors")  # the safetensors library writes 0600
     return out

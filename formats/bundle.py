@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,6 +41,36 @@ NAMED_FILES = 3  # foreign files named in a refusal
 
 Input = tuple[str, Path]  # (what it is, e.g. "checkpoint", its path as given)
 Listing = dict[str, tuple]  # relative path -> (kind, size, mtime_ns, inode)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the one way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under ``root`` (or ``root`` itself, a file) the mode ``open()`` gives a
+    new file, ``0o666 & ~umask``: libraries writing 0600 (the safetensors library does) or
+    0644 regardless of the umask would otherwise mix modes in one bundle. Links are left."""
+    root = Path(root)
+    mask = umask()
+    paths = [root] if not root.is_dir() else [
+        Path(d) / name for d, _, names in os.walk(root) for name in names]
+    for path in paths:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        wanted = (0o666 | (mode & 0o111)) & ~mask  # an executable file stays executable
+        if stat.S_ISREG(st.st_mode) and mode != wanted:
+            os.chmod(path, wanted)
 
 
 def named_inputs(checkpoint: Path | None = None, base: Path | None = None,
@@ -232,6 +263,7 @@ class BundleDir:
             self.log(f"removed stale {path.name} beside {self.shown} (process {pid} {why})")
 
     def _commit(self) -> None:
+        follow_umask(self.tmp)
         if listing(self.out) != self._before:
             self._keep_and_refuse()
         if not self._before:

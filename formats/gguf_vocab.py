@@ -133,7 +133,7 @@ class GGUFVocab:
     token_types: np.ndarray  # int32, one per token
     merges: list[str]
     pre: str
-    pre_reason: str  # how ``pre`` was decided (printed by --dry-run and logged)
+    pre_reason: str  # how ``pre`` was decided (in ``notes`` unless a known hash decided it)
     bos_id: int | None
     eos_ids: list[int]  # primary first
     pad_id: int | None
@@ -240,16 +240,24 @@ def is_qwen2_pre_tokenizer(tok: dict[str, Any]) -> bool:
 def detect_pre_tokenizer(tokenizer_file: Path, tok: dict[str, Any], override: str | None
                          ) -> tuple[str, str]:
     """(llama.cpp pre-tokenizer name, why). Raises :class:`UnsupportedError` when unknown."""
+    name, why, _ = _detect_pre_tokenizer(tokenizer_file, tok, override)
+    return name, why
+
+
+def _detect_pre_tokenizer(tokenizer_file: Path, tok: dict[str, Any], override: str | None
+                          ) -> tuple[str, str, bool]:
+    """:func:`detect_pre_tokenizer` and whether the user should check the choice (an override
+    or the structural fallback decided it, not a known check-text hash)."""
     if override:
-        return override, f"pre-tokenizer {override!r} from --pre-tokenizer"
+        return override, f"pre-tokenizer {override!r} from --pre-tokenizer", True
     digest = pre_check_hash(tok)
     if digest in KNOWN_PRE_HASHES:
         name = KNOWN_PRE_HASHES[digest]
-        return name, f"pre-tokenizer {name!r}: check-text hash {digest[:12]} is known"
+        return name, f"pre-tokenizer {name!r}: check-text hash {digest[:12]} is known", False
     if is_qwen2_pre_tokenizer(tok):
         return "qwen2", (f"pre-tokenizer 'qwen2': check-text hash {digest[:12]} is not in the "
                          "table, but tokenizer.json's pre-tokenizer is Qwen2's (split regex + "
-                         "byte-level)")
+                         "byte-level)"), True
     raise UnsupportedError(
         f"{tokenizer_file}: pre-tokenizer not recognised (check-text hash {digest[:16]}, "
         f"pre_tokenizer type {(tok.get('pre_tokenizer') or {}).get('type')!r}); llama.cpp must "
@@ -299,7 +307,7 @@ def build_vocab(model: VocabSource, n_rows: int, pre_override: str | None = None
             tokens[i] = f"[PAD{i}]"
             types[i] = TokenType.UNUSED
     full: list[str] = tokens  # type: ignore[assignment]
-    pre, reason = detect_pre_tokenizer(path, tok, pre_override)
+    pre, reason, worth_a_note = _detect_pre_tokenizer(path, tok, pre_override)
     special = model.special
     for kind, ids in (("bos", special.bos), ("eos", special.eos), ("pad", special.pad)):
         bad = [i for i in ids if not 0 <= i < n_rows]
@@ -307,7 +315,7 @@ def build_vocab(model: VocabSource, n_rows: int, pre_override: str | None = None
             raise CheckpointError(f"{model.source}: {kind} token id {bad[0]} is outside the "
                                   f"vocabulary of {n_rows} tokens")
     secondary = _secondary_eos(special.eos, full)
-    notes = [reason]
+    notes = [reason] if worth_a_note else []  # a known hash is no news: not printed
     if len(secondary) > 2:
         notes.append(f"eos ids {secondary[2:]} are only in tokenizer.ggml.eos_token_ids: "
                      "llama.cpp itself stops on eos, eot and eom only")

@@ -70,7 +70,12 @@ def report_error(exc: MMConvertError | OSError | KeyboardInterrupt) -> int:
         # the machine refused (disk full, read-only, busy, permission): not a bug of ours
         click.echo(format_error(os_error_message(exc)), err=True)
         return 2
-    click.echo("interrupted: nothing was written under the output name", err=True)
+    # a command writing an output folder leaves nothing under its name (formats/bundle.py)
+    ctx = click.get_current_context(silent=True)
+    writes = ctx is not None and ctx.info_name in ("to-gguf", "to-hf", "to-safetensors",
+                                                   "example")
+    click.echo("interrupted: nothing was written under the output name" if writes
+               else "interrupted", err=True)
     return 130
 
 

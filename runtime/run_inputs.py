@@ -29,6 +29,11 @@ def choose_files(folder: Path, text_gguf: str | None = None) -> BundleFiles:
     """The text GGUF to run (``text_gguf``: a file name or a type such as ``q8_0``; default
     the most precise) and the projector GGUF of a ``to-gguf`` bundle."""
     folder = Path(folder)
+    if not folder.exists():
+        raise BundleError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: is a file, not a bundle folder; run a folder written by "
+                          "`mmconvert to-gguf`")
     try:
         manifest = read_manifest(folder)
     except (OSError, ValueError) as exc:

@@ -15,6 +15,7 @@ The checks need no logits, so they also catch bugs too small to move a tiny mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,7 +76,7 @@ class TensorDiff:
             text = f"{where}: {self.dtype} has no error bound here; not compared"
         else:
             text = (f"{where} [{self.dtype}]: {self.bad} of {self.numel} values off "
-                    f"(max |Δ| {self.max_abs:.3g}, {self.rel:.2%} of the tensor's max |x|)")
+                    f"(max |Δ| {self.max_abs:.3g}, {relative_text(self.rel)})")
             if self.bad_block_count and self.dtype in QUANT_BOUNDS:
                 blocks = ", ".join(f"row {r} col {c}" for r, c in self.bad_blocks)
                 text += f"; {self.bad_block_count} block(s) out of bound: {blocks}"
@@ -83,6 +84,19 @@ class TensorDiff:
                 text += (f"; {self.bad_row_count} row(s) differ, first "
                          f"{', '.join(map(str, self.bad_rows))}")
         return text + (f" -> {self.hint}" if self.hint else "")
+
+
+def relative_text(rel: float) -> str:
+    """``rel`` (max |Δ| over the tensor's max |x|) for a person: a percentage up to 1000 %,
+    a factor above (``8.2e+38× the tensor's max |x|``, not ``8.2e40 %``)."""
+    if math.isnan(rel):
+        return "no relative error (not a number)"
+    if math.isinf(rel):
+        return "∞× the tensor's max |x|"
+    if rel <= 10:
+        return f"{rel:.2%} of the tensor's max |x|"
+    factor = f"{rel:.0f}" if rel < 1e4 else f"{rel:.1e}"
+    return f"{factor}× the tensor's max |x|"
 
 
 def expected_exact(source: np.ndarray, dtype: str) -> np.ndarray:

@@ -4,24 +4,42 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from mmconvert.cli import user_errors
 from mmconvert.commands.options import (
+    ByteBar,
     PushRequest,
     dry_run_option,
     dtype_option,
     echo_warning,
     force_option,
     out_option,
+    progress_option,
     push_options,
     size_arg,
     source_options,
     strict_option,
 )
 from mmconvert.commands.push import push_after_export
+
+
+def wrote_line(out: Path | None, written: Path, files: list[str], limit: int = 8) -> str:
+    """``wrote N files to OUT: a, b, ...``, the one line every converting command prints: OUT
+    as the user gave it (the default one relative to the current folder when near it) and the
+    file names: all of up to ``limit + 2``, else the first ``limit`` and how many more."""
+    shown = str(out) if out is not None else os.path.relpath(written)
+    if out is None and shown.startswith(os.path.join("..", "..")):
+        shown = str(written)
+    if len(files) <= limit + 2:
+        limit = len(files)
+    names = ", ".join(files[:limit])
+    if len(files) > limit:
+        names += f" and {len(files) - limit} more"
+    return f"wrote {len(files)} files to {shown}: {names}"
 
 
 @click.command("example")
@@ -113,9 +131,10 @@ def inspect_cmd(ckpt: Path, read: dict, as_json: bool, fold_linear: bool) -> Non
 @dry_run_option()
 @push_options
 @user_errors
+@progress_option
 def to_safetensors_cmd(ckpt: Path, out: Path | None, dtype: str, naming: str,
                        max_shard_size: str, read: dict, strict: bool, force: bool,
-                       dry_run: bool, push: PushRequest) -> None:
+                       dry_run: bool, push: PushRequest, progress: ByteBar | None) -> None:
     """Write every tensor (language model and projectors) as sharded safetensors with an
     index. Pickled inputs become safetensors without executing anything; tied tensors are
     written once."""
@@ -124,11 +143,11 @@ def to_safetensors_cmd(ckpt: Path, out: Path | None, dtype: str, naming: str,
     result = api.to_safetensors(ckpt, out, dtype=dtype, naming=naming,
                                 max_shard_size=size_arg("--max-shard-size", max_shard_size),
                                 force=force, strict=strict, dry_run=dry_run,
-                                warn=echo_warning, **read)
+                                warn=echo_warning, progress=progress, **read)
     if dry_run:
         click.echo(result.plan)
         return
-    click.echo(f"wrote {len(result.files)} files to {result.out}")
+    click.echo(wrote_line(out, result.out, result.files))
     push_after_export(result.out, push)
 
 

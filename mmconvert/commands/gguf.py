@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from mmconvert.cli import user_errors
+from mmconvert.commands.core import wrote_line
 from mmconvert.commands.options import (
+    ByteBar,
     PushRequest,
     dry_run_option,
     echo_err,
@@ -19,6 +21,7 @@ from mmconvert.commands.options import (
     fold_linear_option,
     force_option,
     out_option,
+    progress_option,
     push_options,
     size_arg,
     source_options,
@@ -59,10 +62,12 @@ OUTTYPE_CHOICES = list(OUTTYPES)
 @dry_run_option("Print the plan and files and write nothing.")
 @push_options
 @user_errors
+@progress_option
 def to_gguf_cmd(ckpt: Path, out: Path | None, outtypes: tuple[str, ...],
                 projector_outtype: str, split_max_size: str | None, name: str | None,
                 pre_tokenizer: str | None, fold_linear: bool, read: dict, strict: bool,
-                checksums: bool, force: bool, dry_run: bool, push: PushRequest) -> None:
+                checksums: bool, force: bool, dry_run: bool, push: PushRequest,
+                progress: ByteBar | None) -> None:
     """Write GGUF files for llama.cpp: the Qwen3 text model with its full tokenizer (one file
     per --outtype), the projector GGUF for the embedding-only modalities
     (docs/gguf-projector.md) and mmconvert.json.
@@ -77,11 +82,11 @@ def to_gguf_cmd(ckpt: Path, out: Path | None, outtypes: tuple[str, ...],
                          split_max_size=size_arg("--split-max-size", split_max_size), name=name,
                          pre_tokenizer=pre_tokenizer, fold_linear=fold_linear,
                          checksums=checksums, force=force, strict=strict, dry_run=dry_run,
-                         log=echo_err, warn=echo_warning, **read)
+                         log=echo_err, warn=echo_warning, progress=progress, **read)
     if dry_run:
         click.echo(result.plan)
         return
-    click.echo(f"wrote {len(result.files)} files to {result.out}: {', '.join(result.files)}")
+    click.echo(wrote_line(out, result.out, result.files))
     push_after_export(result.out, push)
 
 

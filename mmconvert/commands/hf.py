@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from mmconvert.cli import user_errors
+from mmconvert.commands.core import wrote_line
 from mmconvert.commands.options import (
+    ByteBar,
     PushRequest,
     dry_run_option,
     dtype_option,
@@ -15,6 +17,7 @@ from mmconvert.commands.options import (
     fold_linear_option,
     force_option,
     out_option,
+    progress_option,
     push_options,
     size_arg,
     source_options,
@@ -37,8 +40,10 @@ from mmconvert.commands.push import push_after_export
 @dry_run_option()
 @push_options
 @user_errors
+@progress_option
 def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fold_linear: bool,
-              read: dict, strict: bool, force: bool, dry_run: bool, push: PushRequest) -> None:
+              read: dict, strict: bool, force: bool, dry_run: bool, push: PushRequest,
+              progress: ByteBar | None) -> None:
     """Write a Hugging Face folder: a standard Qwen3 model (loads with plain
     AutoModelForCausalLM, vLLM, ...) plus the projectors in multimodal_projector.safetensors and
     remote code, so that from_pretrained(OUT, trust_remote_code=True) takes
@@ -55,11 +60,11 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fol
     result = api.to_hf(ckpt, out, dtype=dtype,
                        max_shard_size=size_arg("--max-shard-size", max_shard_size),
                        fold_linear=fold_linear, force=force, strict=strict, dry_run=dry_run,
-                       warn=echo_warning, **read)
+                       warn=echo_warning, progress=progress, **read)
     if dry_run:
         click.echo(result.plan)
         return
-    click.echo(f"wrote {len(result.files)} files to {result.out}")
+    click.echo(wrote_line(out, result.out, result.files))
     push_after_export(result.out, push)
 
 

@@ -129,6 +129,9 @@ def discover(bundle: Path, backends: tuple[str, ...] = (), *, trust_code: bool =
     if not REGISTRY:
         _load_builtin()
     bundle = Path(bundle)
+    if bundle.exists() and not bundle.is_dir():
+        raise BundleError(f"{bundle}: is a file, not a bundle folder (verify checks folders "
+                          "written by mmconvert to-hf, to-safetensors or to-gguf)")
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: no such bundle folder")
     try:
