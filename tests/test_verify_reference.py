@@ -150,3 +150,18 @@ def test_saved_inputs_are_replayed_from_aligned_memory(make_checkpoint, tmp_path
     items = [item for case in load_cases_file(path, model, 0)
              for items in case.mm_inputs.values() for item in items]
     assert items and all(item.data_ptr() % 64 == 0 for item in items)
+
+
+def test_reference_and_cases_files_follow_the_umask(make_checkpoint, tmp_path):
+    import os
+
+    from mmconvert.convert.readers import read_checkpoint
+    from mmconvert.verify.cases import default_cases, write_cases_file
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "cases.safetensors"
+        write_cases_file(path, default_cases(read_checkpoint(make_checkpoint()), generate=0))
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

@@ -207,9 +207,12 @@ def write_cases_file(path: Path, cases: list[Case]) -> None:
     """Write ``cases`` as a cases file (ids stored, so it replays without a tokenizer)."""
     from safetensors.torch import save_file
 
+    from mmconvert.formats.bundle import follow_umask
+
     tensors, entries = cases_to_file_parts(cases)
     doc = {"version": CASES_VERSION, "cases": entries}
     save_file(tensors, str(path), metadata={CASES_KEY: json.dumps(doc)})
+    follow_umask(path)  # the safetensors library writes 0600
 
 
 def cases_from_entries(entries: list[dict[str, Any]], tensors: dict[str, torch.Tensor],

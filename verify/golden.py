@@ -29,6 +29,7 @@ import torch
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.errors import ReferenceFileError
+from mmconvert.formats.bundle import follow_umask
 from mmconvert.formats.hashing import sha256_files
 from mmconvert.verify.cases import CASES_KEY, CASES_VERSION, cases_from_entries, cases_to_file_parts
 from mmconvert.verify.harness import ReferenceLogits
@@ -81,6 +82,7 @@ def save_reference(path: Path, reference: ReferenceLogits, content_hash: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=metadata)
+    follow_umask(tmp)  # the safetensors library writes 0600
     tmp.replace(path)
 
 
