@@ -34,6 +34,7 @@ from mmconvert import __version__
 from mmconvert.errors import OutputError
 from mmconvert.formats.bundle_lock import BundleLock
 from mmconvert.formats.hashing import sha256_file, sha256_files, sha256_sources
+from mmconvert.formats.safe_json import loads_limited
 
 MANIFEST = "mmconvert.json"
 HASH_CHECKED_BYTES = 1 << 20  # files up to this size must match their recorded sha256 too
@@ -130,10 +131,10 @@ def _our_manifest(folder: Path) -> dict[str, Any] | None:
     if path.is_symlink() or not path.is_file() or path.stat().st_size > 64 << 20:
         return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        manifest = read_manifest(folder)
+    except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("tool") != "mmconvert" or \
+    if manifest is None or manifest.get("tool") != "mmconvert" or \
             not isinstance(manifest.get("outputs"), list):
         return None
     return manifest
@@ -411,7 +412,12 @@ def add_output(folder: Path, rel: str) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """``folder``'s ``mmconvert.json`` (None when there is none). A file that is not a JSON
+    object, or is nested too deep to decode, is a ``ValueError`` (never a RecursionError)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    manifest = loads_limited(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{MANIFEST} is not a JSON object")
+    return manifest

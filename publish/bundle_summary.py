@@ -96,7 +96,7 @@ def load_manifest(folder: Path) -> dict[str, Any]:
     if manifest is None:
         raise BundleError(f"{folder}: not an mmconvert bundle (no {MANIFEST}); convert first with "
                           "mmconvert to-hf, to-safetensors or to-gguf")
-    if not isinstance(manifest, dict) or manifest.get("kind") not in KINDS:
+    if manifest.get("kind") not in KINDS:
         raise BundleError(f"{folder / MANIFEST}: unknown bundle kind "
                           f"{manifest.get('kind') if isinstance(manifest, dict) else None!r} "
                           f"(expected one of {', '.join(KINDS)})")

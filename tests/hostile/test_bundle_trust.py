@@ -184,3 +184,19 @@ def test_no_checksums_bundle_verifies_on_sizes(example_ckpt, bundles, tmp_path):
         f.write(b"\0" * 32)
     result = verify(example_ckpt, bundles, bundle, "--backend", "gguf_torch")
     assert_refused(result, needle=f"{bundle.name}/{text.name} does not match mmconvert.json")
+
+
+@pytest.mark.parametrize("command", ["verify", "run", "push"])
+@pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000, "[1, 2]"],
+                         ids=["nested-deep", "a-list"])
+def test_a_manifest_nested_deep_or_not_an_object_is_one_line(example_ckpt, tmp_path, command,
+                                                              content):
+    """Every reader of mmconvert.json (verify, run, push) refuses it in one line."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "mmconvert.json").write_text(content)
+    args = {"verify": ["verify", example_ckpt, bundle],
+            "run": ["run", bundle, "--prompt", "hi"],
+            "push": ["push", bundle, "--repo", "me/model"]}[command]
+    result = run_cli(*args, env={"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_refused(result)

@@ -136,12 +136,12 @@ def discover(bundle: Path, backends: tuple[str, ...] = (), *, trust_code: bool =
         raise BundleError(f"{bundle}: no such bundle folder")
     try:
         manifest = read_manifest(bundle)
-    except (ValueError, RecursionError) as exc:  # not JSON, or nested too deep to decode
+    except (OSError, ValueError) as exc:  # not a JSON object, or nested too deep to decode
         raise BundleError(f"{bundle}/mmconvert.json is not valid JSON ({exc})") from None
     if manifest is None:
         raise BundleError(f"{bundle}: no mmconvert.json; verify checks bundles written by "
                           "mmconvert to-hf, to-safetensors or to-gguf")
-    kind = manifest.get("kind") if isinstance(manifest, dict) else None
+    kind = manifest.get("kind")
     if kind not in REGISTRY:
         raise BundleError(f"{bundle}: mmconvert.json says kind {str(kind)[:40]!r}; expected one "
                           f"of {', '.join(REGISTRY)}")
