@@ -107,33 +107,34 @@ def config_float(cfg: dict[str, Any], key: str, where: str, *, default: Any = RE
                        finite=finite) if found else value
 
 
+_JSON_KINDS = {bool: "true or false", str: "a string", dict: "a JSON object"}
+
+
+def _config_of(kind: type, cfg: dict[str, Any], key: str, where: str, default: Any,
+               label: str | None) -> Any:
+    """``cfg[key]`` when it is a JSON value of ``kind``; ``default`` when unset."""
+    found, value = _lookup(cfg, key, where, default)
+    if found and not isinstance(value, kind):
+        raise _refused(where, label or key, f"must be {_JSON_KINDS[kind]}, got {shown(value)}")
+    return value
+
+
 def config_bool(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQUIRED,
                 label: str | None = None) -> Any:
     """``cfg[key]`` as a JSON boolean; ``default`` when unset."""
-    found, value = _lookup(cfg, key, where, default)
-    if found and not isinstance(value, bool):
-        raise _refused(where, label or key, f"must be true or false, "
-                              f"got {shown(value)}")
-    return value
+    return _config_of(bool, cfg, key, where, default, label)
 
 
 def config_str(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQUIRED,
                label: str | None = None) -> Any:
     """``cfg[key]`` as a string; ``default`` when unset."""
-    found, value = _lookup(cfg, key, where, default)
-    if found and not isinstance(value, str):
-        raise _refused(where, label or key, f"must be a string, got {shown(value)}")
-    return value
+    return _config_of(str, cfg, key, where, default, label)
 
 
 def config_dict(cfg: dict[str, Any], key: str, where: str, *, default: Any = REQUIRED,
                 label: str | None = None) -> Any:
     """``cfg[key]`` as a JSON object; ``default`` when unset."""
-    found, value = _lookup(cfg, key, where, default)
-    if found and not isinstance(value, dict):
-        raise _refused(where, label or key, f"must be a JSON object, "
-                              f"got {shown(value)}")
-    return value
+    return _config_of(dict, cfg, key, where, default, label)
 
 
 def config_int_list(cfg: dict[str, Any], key: str, where: str, *, minimum: int = 0,

@@ -109,7 +109,7 @@ def test_converting_commands_print_the_path_as_given_and_the_names(example_ckpt,
 
 
 def test_a_long_file_list_is_capped():
-    from mmconvert.commands.core import wrote_line
+    from mmconvert.commands.options import wrote_line
 
     files = [f"model-{i:05d}.safetensors" for i in range(20)]
     line = wrote_line(Path("o"), Path("o"), files)

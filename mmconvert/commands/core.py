@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -23,23 +22,9 @@ from mmconvert.commands.options import (
     size_arg,
     source_options,
     strict_option,
+    wrote_line,
 )
 from mmconvert.commands.push import push_after_export
-
-
-def wrote_line(out: Path | None, written: Path, files: list[str], limit: int = 8) -> str:
-    """``wrote N files to OUT: a, b, ...``, the one line every converting command prints: OUT
-    as the user gave it (the default one relative to the current folder when near it) and the
-    file names: all of up to ``limit + 2``, else the first ``limit`` and how many more."""
-    shown = str(out) if out is not None else os.path.relpath(written)
-    if out is None and shown.startswith(os.path.join("..", "..")):
-        shown = str(written)
-    if len(files) <= limit + 2:
-        limit = len(files)
-    names = ", ".join(files[:limit])
-    if len(files) > limit:
-        names += f" and {len(files) - limit} more"
-    return f"wrote {len(files)} files to {shown}: {names}"
 
 
 @click.command("example")

@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from mmconvert.cli import user_errors
-from mmconvert.commands.core import wrote_line
 from mmconvert.commands.options import (
     ByteBar,
     PushRequest,
@@ -22,6 +21,7 @@ from mmconvert.commands.options import (
     size_arg,
     source_options,
     strict_option,
+    wrote_line,
 )
 from mmconvert.commands.push import push_after_export
 

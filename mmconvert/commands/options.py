@@ -231,3 +231,18 @@ def push_options(fn: Callable) -> Callable:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def wrote_line(out: Path | None, written: Path, files: list[str], limit: int = 8) -> str:
+    """``wrote N files to OUT: a, b, ...``, the one line every converting command prints: OUT
+    as the user gave it (the default one relative to the current folder when near it) and the
+    file names: all of up to ``limit + 2``, else the first ``limit`` and how many more."""
+    shown = str(out) if out is not None else os.path.relpath(written)
+    if out is None and shown.startswith(os.path.join("..", "..")):
+        shown = str(written)
+    if len(files) <= limit + 2:
+        limit = len(files)
+    names = ", ".join(files[:limit])
+    if len(files) > limit:
+        names += f" and {len(files) - limit} more"
+    return f"wrote {len(files)} files to {shown}: {names}"
