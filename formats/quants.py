@@ -1,4 +1,5 @@
-"""GGML tensor encodings (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in vectorised numpy.
+"""GGML tensor encodings (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in vectorised numpy;
+the K-quants register from :mod:`mmconvert.formats.kquants` (imported at the bottom).
 
 One small class per type, registered by the GGML type it encodes (``class Q8_0(GGMLType,
 qtype=GGMLQuantizationType.Q8_0)``, as gguf-py's ``quants.py``); ids and sizes are gguf-py's
@@ -7,6 +8,10 @@ operations of the reference (ggml's ``quantize_row_*_ref``, as gguf-py's ``quant
 the same order, so the bytes are identical to ``gguf.quants.quantize``; what differs is only the
 parts where order cannot change a result: block maxima by pairwise trees, rounding by an exact
 identity, and bit packing. Work goes a cache-sized chunk of blocks at a time.
+
+Importance weights (an imatrix row, float32 ``(n_per_row,)``) select ggml's weighted
+quantizers (``quantize_row_*_impl``, what ``ggml_quantize_chunk`` runs when given one); types
+that ignore them in ggml (F32, F16, BF16, Q8_0) ignore them here.
 
 Quantized GGUF rows are bytes: a tensor of shape ``(..., n)`` is stored as ``(..., n // block
 * type_size)`` uint8 (gguf-py's ``quant_shape_to_byte_shape``); every encoder here returns that.
@@ -24,7 +29,9 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
+from numba import njit
 
+from mmconvert.formats import kquant_search as _ks
 from mmconvert.formats.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _CHUNK = 1 << 16  # elements per kernel step: the float32 temporaries stay in L2
@@ -72,14 +79,15 @@ def _signed_absmax(x: np.ndarray) -> np.ndarray:
     """Per block, the first value of largest magnitude, sign kept (ggml's ``max`` in Q4_0/Q5_0).
 
     max/min trees decide every block whose extremes differ in magnitude; the rest (+a and -a
-    both present, or all zeros) take the first index of largest ``|x|``, as the reference does.
+    both present, or all zeros) take the first index of largest ``|x|``, as the reference does;
+    a block of zeros (of either sign) gets the reference's starting value, +0.
     """
     hi, lo = _tree(x, np.maximum), _tree(x, np.minimum)
     out = np.where(hi > -lo, hi, lo)
     tie = np.flatnonzero(hi == -lo)
     if len(tie):
         first = np.abs(x[tie]).argmax(axis=1)
-        out[tie] = x[tie, first]
+        out[tie] = x[tie, first] + _F32(0)  # -0 + 0 = +0; nonzero values unchanged
     return out
 
 
@@ -133,6 +141,10 @@ class GGMLType:
     type_size: ClassVar[int]
     bits_per_weight: ClassVar[float]
     quantized: ClassVar[bool] = True
+    uses_imatrix: ClassVar[bool] = True  # False: ggml ignores importance weights for this type
+    # True: the weighted kernel needs whole rows (ggml's per-row sigma2); encode_blocks then
+    # gets ``row_blocks`` (blocks per row) and chunks of whole rows
+    imatrix_needs_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, qtype: GGMLQuantizationType | None = None, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -142,9 +154,11 @@ class GGMLType:
             cls.bits_per_weight = 8 * cls.type_size / cls.block_size
             TYPES[cls.name] = cls
 
-    # kernels: float32 blocks (k, block_size) -> out (k, type_size) uint8, and back
+    # kernels: float32 blocks (k, block_size) -> out (k, type_size) uint8, and back.
+    # weights: None, or float32 (k, block_size), the imatrix values of each block's positions.
     @classmethod
-    def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
+    def encode_blocks(cls, x: np.ndarray, out: np.ndarray,
+                      weights: np.ndarray | None = None) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -152,14 +166,17 @@ class GGMLType:
         raise NotImplementedError
 
     @classmethod
-    def encode_storage_blocks(cls, blocks: np.ndarray, src: str, out: np.ndarray) -> None:
-        """Blocks in storage dtype ``src``; types with a faster path from BF16 override this."""
-        cls.encode_blocks(_to_f32(blocks, src), out)
+    def encode_storage_blocks(cls, blocks: np.ndarray, src: str, out: np.ndarray,
+                              **weights) -> None:
+        """Blocks in storage dtype ``src``; types with a faster path from BF16 override this.
+        ``weights`` (and ``row_blocks``) pass through to encode_blocks when an imatrix is used."""
+        cls.encode_blocks(_to_f32(blocks, src), out, **weights)
 
     @classmethod
-    def quantize_rows(cls, values: np.ndarray) -> np.ndarray:
-        """float values (..., n) -> uint8 (..., n // block_size * type_size)."""
-        return _encode(cls, np.asarray(values, dtype=_F32), "F32")
+    def quantize_rows(cls, values: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """float values (..., n) -> uint8 (..., n // block_size * type_size); ``imatrix``:
+        float32 (n,) importance weights, or None."""
+        return _encode(cls, np.asarray(values, dtype=_F32), "F32", imatrix)
 
     @classmethod
     def dequantize_rows(cls, data: np.ndarray) -> np.ndarray:
@@ -177,6 +194,7 @@ TYPES: dict[str, type[GGMLType]] = {}
 
 class F32(GGMLType, qtype=GGMLQuantizationType.F32):
     quantized = False
+    uses_imatrix = False
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
@@ -189,6 +207,7 @@ class F32(GGMLType, qtype=GGMLQuantizationType.F32):
 
 class F16(GGMLType, qtype=GGMLQuantizationType.F16):
     quantized = False
+    uses_imatrix = False
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
@@ -208,6 +227,7 @@ class F16(GGMLType, qtype=GGMLQuantizationType.F16):
 
 class BF16(GGMLType, qtype=GGMLQuantizationType.BF16):
     quantized = False
+    uses_imatrix = False
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
@@ -232,6 +252,8 @@ class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
     ``quantize_row_q8_0_ref``: for float32 ``v``, roundf (half away from zero) is exactly
     ``trunc(v + copysign(nextafter(0.5, 0), v))`` (no sum can round across an integer), and
     the float -> int8 cast truncates; the sign of ``x * id`` is the sign of ``x``."""
+
+    uses_imatrix = False  # quantize_q8_0 ignores quant_weights
 
     @classmethod
     def _finish(cls, x: np.ndarray, amax: np.ndarray, out: np.ndarray) -> None:
@@ -260,12 +282,86 @@ class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
         return data[:, 2:].view(np.int8).astype(_F32) * _f16_column(data, 0)
 
 
-class _SymmetricNibbles(GGMLType):
-    """Q4_0 / Q5_0 (bytes equal gguf-py's port of ggml's ``quantize_row_q4_0_ref``/``q5_0``):
-    d = max / -2**(bits-1) with ``max`` the first value of largest magnitude, id = 1/d, and
-    q = min(trunc(x * id + (2**(bits-1) + 0.5)), 2**bits - 1)."""
+_WEIGHTED_RMIN, _WEIGHTED_RDELTA = _F32(-0.9), _F32(0.05)  # quantize_row_q{4,5}_1_impl
+
+
+@njit(cache=True, nogil=True)
+def _weighted_nibble_rows(x, qw, row_blocks, nmax, affine, d_bits, m_bits, levels):
+    """ggml's quantize_row_q{4,5}_{0,1}_impl over chunks of whole rows: x, qw (k, 32), k a
+    multiple of ``row_blocks``. Per block: f16 bits of d (and of m = -min when ``affine``)
+    and the levels (k, 32) uint8. sigma2 is the row's mean of x**2, summed in row order."""
+    weight = np.empty(32, np.float32)
+    signed = np.empty(32, np.int8)
+    aux = np.empty(32, np.uint8)
+    n_per_row = _F32(row_blocks * 32)
+    for row in range(x.shape[0] // row_blocks):
+        sum_x2 = _F32(0)
+        for ib in range(row * row_blocks, (row + 1) * row_blocks):
+            for j in range(32):
+                sum_x2 += x[ib, j] * x[ib, j]
+        sigma2 = sum_x2 / n_per_row
+        for ib in range(row * row_blocks, (row + 1) * row_blocks):
+            xb = x[ib]
+            for j in range(32):
+                weight[j] = qw[ib, j] * _F32(np.sqrt(sigma2 + xb[j] * xb[j]))
+            if affine:
+                d, the_min = _ks.make_qkx3_quants(32, nmax, xb, weight, levels[ib], aux,
+                                                  _WEIGHTED_RMIN, _WEIGHTED_RDELTA, 36, False)
+                m_bits[ib] = _ks.fp32_to_fp16_bits(-the_min)
+            else:
+                d = _ks.make_qx_quants(32, (nmax + 1) // 2, xb, signed, 1, weight)
+                for j in range(32):
+                    levels[ib, j] = signed[j]
+            d_bits[ib] = _ks.fp32_to_fp16_bits(d)
+
+
+class _Nibbles(GGMLType):
+    """Q4_0 / Q4_1 / Q5_0 / Q5_1: 32-value blocks of 4- or 5-bit levels."""
 
     levels: ClassVar[int]
+    affine: ClassVar[bool]
+    imatrix_needs_rows = True
+
+    @classmethod
+    def _quants(cls, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def _pack(cls, q: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _weighted_quants(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray,
+                         row_blocks: int) -> np.ndarray:
+        d_bits = np.empty(len(x), _U16)
+        m_bits = np.empty(len(x), _U16)
+        q = np.empty(x.shape, _U8)
+        _weighted_nibble_rows(np.ascontiguousarray(x, dtype=_F32),
+                              np.ascontiguousarray(weights, dtype=_F32), row_blocks,
+                              cls.levels - 1, cls.affine, d_bits, m_bits, q)
+        out.view(_U16)[:, 0] = d_bits
+        if cls.affine:
+            out.view(_U16)[:, 1] = m_bits
+        return q
+
+    @classmethod
+    def encode_blocks(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None,
+                      row_blocks: int | None = None) -> None:
+        if weights is None:
+            q = cls._quants(x, out)
+        else:
+            if row_blocks is None or len(x) % row_blocks:
+                raise ValueError(f"{cls.name} with importance weights needs whole rows")
+            q = cls._weighted_quants(x, out, weights, row_blocks)
+        cls._pack(q, out)
+
+
+class _SymmetricNibbles(_Nibbles):
+    """Q4_0 / Q5_0 (bytes equal libggml's ``quantize_row_q4_0_ref``/``q5_0``): d = max /
+    -2**(bits-1) with ``max`` the first value of largest magnitude (+0 for a block of zeros, so
+    d = -0), id = 1/d, and q = min(trunc(x * id + (2**(bits-1) + 0.5)), 2**bits - 1)."""
+
+    affine = False
 
     @classmethod
     def _quants(cls, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -282,16 +378,28 @@ class _SymmetricNibbles(GGMLType):
         return d * (q.astype(np.int8) - np.int8(cls.levels // 2)).astype(_F32)
 
 
-class _AffineNibbles(GGMLType):
-    """Q4_1 / Q5_1 (bytes equal gguf-py's port of ggml's ``quantize_row_q4_1_ref``/``q5_1``):
-    d = (max - min) / (2**bits - 1), m = min, id = 1/d, q = min(trunc((x - min) * id + 0.5), 2**bits - 1)."""
+def _first_zero_min(x: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """The reference's running ``if (v < min) min = v`` keeps the FIRST zero when the block's
+    minimum is a zero, so its sign is that zero's; the min tree may have picked either."""
+    zero = np.flatnonzero(lo == 0)
+    if len(zero):
+        rows = x[zero]
+        lo[zero] = rows[np.arange(len(zero)), (rows == 0).argmax(axis=1)]
+    return lo
 
-    levels: ClassVar[int]
+
+class _AffineNibbles(_Nibbles):
+    """Q4_1 / Q5_1 (bytes equal libggml's ``quantize_row_q4_1_ref``/``q5_1``):
+    d = (max - min) / (2**bits - 1) (+0 when max == min), m = min, id = 1/d,
+    q = min(trunc((x - min) * id + 0.5), 2**bits - 1)."""
+
+    affine = True
 
     @classmethod
     def _quants(cls, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        hi, lo = _tree(x, np.maximum), _tree(x, np.minimum)
+        hi, lo = _tree(x, np.maximum), _first_zero_min(x, _tree(x, np.minimum))
         d = (hi - lo) / _F32(cls.levels - 1)
+        d[hi == lo] = 0  # +0: hi - lo of two zeros of different signs would give -0
         y = np.subtract(x, lo[:, None])
         _scale(y, _inverse(d))
         y += _F32(0.5)
@@ -317,8 +425,8 @@ class Q4_0(_SymmetricNibbles, qtype=GGMLQuantizationType.Q4_0):
     levels = 16
 
     @classmethod
-    def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
-        out[:, 2:] = _pack_nibbles(cls._quants(x, out))
+    def _pack(cls, q: np.ndarray, out: np.ndarray) -> None:
+        out[:, 2:] = _pack_nibbles(q)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
@@ -329,8 +437,7 @@ class Q5_0(_SymmetricNibbles, qtype=GGMLQuantizationType.Q5_0):
     levels = 32
 
     @classmethod
-    def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
-        q = cls._quants(x, out)
+    def _pack(cls, q: np.ndarray, out: np.ndarray) -> None:
         out[:, 2:6] = _pack_high_bits(q)
         out[:, 6:] = _pack_nibbles(q)
 
@@ -344,8 +451,8 @@ class Q4_1(_AffineNibbles, qtype=GGMLQuantizationType.Q4_1):
     levels = 16
 
     @classmethod
-    def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
-        out[:, 4:] = _pack_nibbles(cls._quants(x, out))
+    def _pack(cls, q: np.ndarray, out: np.ndarray) -> None:
+        out[:, 4:] = _pack_nibbles(q)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
@@ -357,8 +464,7 @@ class Q5_1(_AffineNibbles, qtype=GGMLQuantizationType.Q5_1):
     levels = 32
 
     @classmethod
-    def encode_blocks(cls, x: np.ndarray, out: np.ndarray) -> None:
-        q = cls._quants(x, out)
+    def _pack(cls, q: np.ndarray, out: np.ndarray) -> None:
         out[:, 4:8] = _pack_high_bits(q)
         out[:, 8:] = _pack_nibbles(q)
 
@@ -369,16 +475,35 @@ class Q5_1(_AffineNibbles, qtype=GGMLQuantizationType.Q5_1):
 
 # --- storage rows -> GGUF bytes -----------------------------------------------------------
 
-def _encode(qt: type[GGMLType], rows: np.ndarray, src: str) -> np.ndarray:
-    """Encode storage rows a chunk of whole blocks at a time (rows never split a block)."""
+def _encode(qt: type[GGMLType], rows: np.ndarray, src: str,
+            imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Encode storage rows a chunk of whole blocks at a time (rows never split a block). With
+    an ``imatrix`` (float32 (n_per_row,)), block j of every row gets imatrix[j*bs:(j+1)*bs] as
+    its weights; types that need whole rows get chunks of whole rows."""
     rows = np.ascontiguousarray(rows)
     shape = byte_shape(rows.shape, qt.name)
     blocks = rows.reshape(-1, qt.block_size)
     out = np.empty((len(blocks), qt.type_size), _U8)
     step = max(1, _CHUNK // qt.block_size)
+    tiled = None
+    if imatrix is not None and qt.uses_imatrix:
+        n_per_row = rows.shape[-1]
+        imatrix = np.ascontiguousarray(imatrix, dtype=_F32).reshape(-1)
+        if imatrix.shape != (n_per_row,):
+            raise ValueError(f"imatrix of {imatrix.size} values for rows of {n_per_row}")
+        row_blocks = n_per_row // qt.block_size
+        step = max(1, step // row_blocks) * row_blocks  # whole rows, so the tiling lines up
+        tiled = np.tile(imatrix.reshape(row_blocks, qt.block_size), (step // row_blocks, 1))
     with np.errstate(all="ignore"):  # the reference's inf/NaN intermediates, silently, as there
         for start in range(0, len(blocks), step):
-            qt.encode_storage_blocks(blocks[start:start + step], src, out[start:start + step])
+            chunk, dest = blocks[start:start + step], out[start:start + step]
+            if tiled is None:
+                qt.encode_storage_blocks(chunk, src, dest)
+            elif qt.imatrix_needs_rows:
+                qt.encode_storage_blocks(chunk, src, dest, weights=tiled[:len(chunk)],
+                                         row_blocks=row_blocks)
+            else:
+                qt.encode_storage_blocks(chunk, src, dest, weights=tiled[:len(chunk)])
     return out.reshape(shape)
 
 
@@ -429,10 +554,13 @@ def _f16_to_f32(rows: np.ndarray) -> np.ndarray:
 SOURCE_DTYPES = ("F32", "F16", "BF16")  # safetensors names the encoders accept
 
 
-def encoder_for(src_dtype: str, ggml_type: str) -> Callable[[np.ndarray], np.ndarray]:
+def encoder_for(src_dtype: str, ggml_type: str,
+                imatrix: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """``encode(rows) -> uint8`` turning storage rows of ``src_dtype`` (BF16 as uint16 bits) into
-    the GGUF bytes of ``ggml_type``: exactly ``gguf.quants.quantize(to_float32(rows), type)``'s.
-    Works on any slice of whole rows, so a tensor can be encoded a slice at a time.
+    the GGUF bytes of ``ggml_type``: exactly ``gguf.quants.quantize(to_float32(rows), type)``'s,
+    and libggml's ``ggml_quantize_chunk``'s (with ``imatrix``, float32 (n_per_row,), as its
+    importance weights). Works on any slice of whole rows, so a tensor can be encoded a slice
+    at a time.
 
     >>> encoder_for("BF16", "F16")(np.array([[0x3F80, 0xC000]], np.uint16)).view(np.float16)
     array([[ 1., -2.]], dtype=float16)
@@ -444,7 +572,8 @@ def encoder_for(src_dtype: str, ggml_type: str) -> Callable[[np.ndarray], np.nda
         return _bf16_same if src_dtype == "BF16" else _same_bytes
     if ggml_type == "F32":
         return _bf16_to_f32 if src_dtype == "BF16" else _f16_to_f32
-    return functools.partial(_encode, qt, src=src_dtype)
+    return functools.partial(_encode, qt, src=src_dtype,
+                             imatrix=imatrix if qt.uses_imatrix else None)
 
 
 # --- shapes, sizes and the type policy ---------------------------------------------------
@@ -492,11 +621,19 @@ def encoded_nbytes(shape: Sequence[int], ggml_type: str) -> int:
     return int(np.prod(byte_shape(shape, ggml_type), dtype=np.int64))
 
 
-def quantize(values: np.ndarray, ggml_type: str) -> np.ndarray:
-    """float values -> GGUF bytes (uint8, ``byte_shape``); same bytes as gguf-py's quantize."""
-    return ggml_type_info(ggml_type).quantize_rows(values)
+def quantize(values: np.ndarray, ggml_type: str,
+             imatrix: np.ndarray | None = None) -> np.ndarray:
+    """float values -> GGUF bytes (uint8, ``byte_shape``); same bytes as gguf-py's quantize and
+    libggml's ``ggml_quantize_chunk`` (``imatrix``: float32 (n_per_row,) importance weights)."""
+    return ggml_type_info(ggml_type).quantize_rows(values, imatrix)
 
 
 def dequantize(data: np.ndarray, ggml_type: str) -> np.ndarray:
     """GGUF bytes -> float32 values; same values as gguf-py's dequantize."""
     return ggml_type_info(ggml_type).dequantize_rows(data)
+
+
+# the K-quants subclass GGMLType and register into TYPES on import (they import this module)
+from mmconvert.formats import iquants as _iquants  # noqa: E402, F401
+from mmconvert.formats import kquants as _kquants  # noqa: E402, F401
+from mmconvert.formats import kquants_low as _kquants_low  # noqa: E402, F401

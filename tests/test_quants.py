@@ -1,4 +1,6 @@
-"""formats/quants.py: bytes equal gguf-py's ``quantize``, values equal its ``dequantize``."""
+"""formats/quants.py: bytes equal gguf-py's ``quantize`` (and libggml's where the two differ:
+signed zeros), values equal its ``dequantize``. The K and IQ types, which gguf-py cannot
+quantize, are compared with libggml in tests/test_kquants_ggml.py and its neighbours."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ from gguf import quants as reference
 
 from mmconvert.formats import quants
 from mmconvert.formats.dtypes import STORAGE_DTYPES, bf16_to_f32, to_float32
+from tests.ggml_c import libggml
 
-TYPES = list(quants.TYPES)
+GGUF_PY_QUANTIZES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")
+TYPES = [t for t in quants.TYPES if t in GGUF_PY_QUANTIZES]
 BLOCK_TYPES = [t for t in TYPES if quants.TYPES[t].quantized]
 SHAPES = [(64,), (1, 96), (37, 64), (3, 5, 32)]
 
@@ -34,7 +38,7 @@ def edge_blocks() -> np.ndarray:
     rows = []
     row = np.zeros(32, np.float32)
     rows.append(row.copy())  # all zeros: d = 0
-    rows.append(-row)  # all -0.0: the sign of d comes from element 0
+    rows.append(-row)  # all -0.0: Q4_0's d is -0 (max stays +0), Q4_1's m is -0
     mixed = row.copy()
     mixed[0], mixed[5] = -0.0, 0.0
     rows.append(mixed)
@@ -72,7 +76,7 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 # --- bytes and values against gguf-py ------------------------------------------------------
 
-@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("ggml_type", list(quants.TYPES))
 def test_sizes_and_ids_match_ggml(ggml_type):
     qt = quants.TYPES[ggml_type]
     assert (qt.block_size, qt.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
@@ -89,9 +93,14 @@ def test_random_bytes_equal_gguf_py(ggml_type, shape):
 
 
 @pytest.mark.parametrize("ggml_type", TYPES)
-def test_edge_blocks_equal_gguf_py(ggml_type):
+def test_edge_blocks_equal_reference(ggml_type):
+    """Block types against libggml itself: gguf-py's port gets blocks of signed zeros wrong."""
     x = edge_blocks()
-    np.testing.assert_array_equal(quants.quantize(x, ggml_type), ref_bytes(x, ggml_type))
+    if quants.TYPES[ggml_type].quantized:
+        expected = libggml().quantize(x, ggml_type)
+    else:
+        expected = ref_bytes(x, ggml_type)
+    np.testing.assert_array_equal(quants.quantize(x, ggml_type), expected)
 
 
 @pytest.mark.parametrize("ggml_type", ["F32", "F16", "BF16"])
@@ -187,7 +196,7 @@ def test_shapes_sizes_and_fallback():
     with pytest.raises(ValueError, match="fallback_type"):
         quants.byte_shape((8, 48), "Q8_0")
     with pytest.raises(ValueError, match="unsupported GGML type"):
-        quants.encoder_for("BF16", "Q2_K")
+        quants.encoder_for("BF16", "IQ2_XXS")
     with pytest.raises(ValueError, match="cannot encode"):
         quants.encoder_for("I32", "F16")
 
