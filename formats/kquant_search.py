@@ -11,7 +11,7 @@ float64 and change results.
 C's ``NULL`` weight pointer is an empty array here (``NO_WEIGHTS``): one compiled signature, no
 Optional types inside the kernels.
 
-Public API (all ``@njit(cache=True, nogil=True)``; call from other njit code or from Python):
+Public API (all ``@njit(cache=True, nogil=True, error_model="numpy")``; call from other njit code or from Python):
 
 - ``nearest_int(f) -> int``: C's ``nearest_int`` (the 1.5 * 2**23 trick, bit for bit,
   including its results outside +-4194303).
@@ -48,7 +48,7 @@ _SCALE_TO_INF = F32(2.0**112)
 _SCALE_TO_ZERO = F32(2.0**-110)
 _EXP_SCALE = F32(2.0**-112)
 
-_jit = njit(cache=True, nogil=True)
+_jit = njit(cache=True, nogil=True, error_model="numpy")  # IEEE division, as in C
 
 
 @intrinsic

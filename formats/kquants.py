@@ -19,276 +19,16 @@ Block layouts (ggml-common.h; d, dmin are float16):
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
+import functools
+import importlib
 
-from mmconvert.formats import kquant_search as ks
+import numpy as np
+
 from mmconvert.formats.gguf_constants import GGMLQuantizationType
 from mmconvert.formats.quants import GGMLType
 
-F32 = np.float32
 QK_K = 256
-_jit = njit(cache=True, nogil=True)
-
-_ZERO, _ONE = F32(0), F32(1)
-_SIXTY_THREE = F32(63)
-_MINUS_128 = F32(-128)
-_QK_K_F = F32(QK_K)
-_SUB_F = F32(32)
-_TWO = F32(2)
-_IMPL_RMIN, _IMPL_RDELTA = F32(-0.9), F32(0.05)  # quantize_row_q{4,5}_K_impl's search
-
-
-@_jit
-def _put_f16(out, col, value):
-    bits = ks.fp32_to_fp16_bits(value)
-    out[col] = bits & 0xFF
-    out[col + 1] = bits >> 8
-
-
-@_jit
-def _get_f16(data, col):
-    return ks.fp16_bits_to_fp32(np.uint16(data[col]) | (np.uint16(data[col + 1]) << 8))
-
-
-@_jit
-def _scale_min_k4(j, q):
-    """ggml's get_scale_min_k4: the 6-bit scale and min of sub-block j from scales[12]."""
-    if j < 4:
-        return q[j] & 63, q[j + 4] & 63
-    return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
-
-
-@_jit
-def _pack_scale_min_k4(scales, ls, lm):
-    """The inverse of _scale_min_k4 for j = 0..7 in order (C's uint8 stores: values wrap)."""
-    for j in range(8):
-        if j < 4:
-            scales[j] = ls[j]
-            scales[j + 4] = lm[j]
-        else:
-            scales[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
-            scales[j - 4] |= (ls[j] >> 4) << 6
-            scales[j] |= (lm[j] >> 4) << 6
-
-
-@_jit
-def _affine_k_superblock(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, y, L):
-    """One Q4_K / Q5_K super-block: fill y[0:16] (d, dmin, scales) and the levels L[256].
-    ``qw`` empty: the ref path (make_qkx2_quants with av_x + |x| weights), else the imatrix
-    path (make_qkx3_quants with qw * sqrt(sigma2 + x**2), make_qp_quants for the scales)."""
-    weights = np.empty(32, np.float32)
-    laux = np.empty(32, np.uint8)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    ls = np.empty(8, np.uint8)
-    lm = np.empty(8, np.uint8)
-    if qw.shape[0] == 0:
-        max_scale = _ZERO
-        max_min = _ZERO
-        for j in range(8):
-            xb = x[32 * j:32 * j + 32]
-            sum_x2 = _ZERO
-            for i in range(32):
-                sum_x2 += xb[i] * xb[i]
-            av_x = F32(np.sqrt(sum_x2 / _SUB_F))
-            for i in range(32):
-                weights[i] = av_x + abs(xb[i])
-            scale, the_min = ks.make_qkx2_quants(32, nmax, xb, weights, L[32 * j:32 * j + 32],
-                                                 laux, rmin, rdelta, nstep, False)
-            scales[j] = scale
-            mins[j] = the_min
-            if scale > max_scale:
-                max_scale = scale
-            if the_min > max_min:
-                max_min = the_min
-        inv_scale = _SIXTY_THREE / max_scale if max_scale > _ZERO else _ZERO
-        inv_min = _SIXTY_THREE / max_min if max_min > _ZERO else _ZERO
-        for j in range(8):
-            ls[j] = min(63, ks.nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm[j] = min(63, ks.nearest_int(inv_min * mins[j]) & 0xFF)
-        d_block = max_scale / _SIXTY_THREE
-        m_block = max_min / _SIXTY_THREE
-    else:
-        sw = np.empty(8, np.float32)
-        sum_x2 = _ZERO
-        for i in range(QK_K):
-            sum_x2 += x[i] * x[i]
-        sigma2 = _TWO * sum_x2 / _QK_K_F
-        for j in range(8):
-            xb = x[32 * j:32 * j + 32]
-            for i in range(32):
-                weights[i] = qw[32 * j + i] * F32(np.sqrt(sigma2 + xb[i] * xb[i]))
-            sumw = _ZERO
-            for i in range(32):
-                sumw += weights[i]
-            sw[j] = sumw
-            scale, the_min = ks.make_qkx3_quants(32, nmax, xb, weights, L[32 * j:32 * j + 32],
-                                                 laux, _IMPL_RMIN, _IMPL_RDELTA, 36, False)
-            scales[j] = scale
-            mins[j] = the_min
-        d_block = ks.make_qp_quants(8, 63, scales, ls, sw)
-        m_block = ks.make_qp_quants(8, 63, mins, lm, sw)
-        if clamp_qp:  # Q5_K's impl clamps the levels to 63, Q4_K's does not
-            for j in range(8):
-                ls[j] = min(63, ls[j])
-                lm[j] = min(63, lm[j])
-    _pack_scale_min_k4(y[4:16], ls, lm)
-    _put_f16(y, 0, d_block)
-    _put_f16(y, 2, m_block)
-    d_all = _get_f16(y, 0)
-    m_all = _get_f16(y, 2)
-    for j in range(8):
-        sc, m = _scale_min_k4(j, y[4:16])
-        d = d_all * F32(sc)
-        if d == _ZERO:
-            continue
-        dm = m_all * F32(m)
-        for i in range(32):
-            lv = ks.nearest_int((x[32 * j + i] + dm) / d)
-            L[32 * j + i] = max(0, min(nmax, lv))
-
-
-@_jit
-def _encode_q4_k(x, qw, out):
-    L = np.empty(QK_K, np.uint8)
-    for b in range(x.shape[0]):
-        y = out[b]
-        w = qw[b] if qw.shape[0] > 0 else qw[0:0, 0]
-        _affine_k_superblock(x[b], w, 15, F32(-1.0), F32(0.1), 20, False, y, L)
-        for half in range(4):
-            for i in range(32):
-                y[16 + 32 * half + i] = L[64 * half + i] | (L[64 * half + 32 + i] << 4)
-
-
-@_jit
-def _encode_q5_k(x, qw, out):
-    L = np.empty(QK_K, np.uint8)
-    for b in range(x.shape[0]):
-        y = out[b]
-        w = qw[b] if qw.shape[0] > 0 else qw[0:0, 0]
-        _affine_k_superblock(x[b], w, 31, F32(-0.5), F32(0.1), 15, True, y, L)
-        qh = y[16:48]
-        ql = y[48:176]
-        qh[:] = 0
-        m1 = 1
-        m2 = 2
-        for half in range(4):
-            for i in range(32):
-                l1 = np.int64(L[64 * half + i])
-                if l1 > 15:
-                    l1 -= 16
-                    qh[i] |= m1
-                l2 = np.int64(L[64 * half + 32 + i])
-                if l2 > 15:
-                    l2 -= 16
-                    qh[i] |= m2
-                ql[32 * half + i] = l1 | (l2 << 4)
-            m1 <<= 2
-            m2 <<= 2
-
-
-@_jit
-def _encode_q6_k(x, qw, out):
-    L = np.empty(QK_K, np.int8)
-    scales = np.empty(16, np.float32)
-    for b in range(x.shape[0]):
-        y = out[b]
-        xs = x[b]
-        max_scale = _ZERO
-        max_abs_scale = _ZERO
-        for ib in range(16):
-            w = qw[b, 16 * ib:16 * ib + 16] if qw.shape[0] > 0 else ks.NO_WEIGHTS
-            scale = ks.make_qx_quants(16, 32, xs[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
-                                      1, w)
-            scales[ib] = scale
-            abs_scale = abs(scale)
-            if abs_scale > max_abs_scale:
-                max_abs_scale = abs_scale
-                max_scale = scale
-        if max_abs_scale < ks.GROUP_MAX_EPS:
-            y[:] = 0
-            continue
-        iscale = _MINUS_128 / max_scale
-        _put_f16(y, 208, _ONE / iscale)
-        sc = y[192:208].view(np.int8)
-        for ib in range(16):
-            sc[ib] = min(127, ks.nearest_int(iscale * scales[ib]))
-        d_all = _get_f16(y, 208)
-        for j in range(16):
-            d = d_all * F32(sc[j])
-            if d == _ZERO:
-                continue
-            for i in range(16):
-                lv = ks.nearest_int(xs[16 * j + i] / d)
-                L[16 * j + i] = max(-32, min(31, lv)) + 32
-        for half in range(2):
-            ql = y[64 * half:64 * half + 64]
-            qh = y[128 + 32 * half:128 + 32 * half + 32]
-            lb = L[128 * half:128 * half + 128]
-            for i in range(32):
-                ql[i] = (lb[i] & 0xF) | ((lb[i + 64] & 0xF) << 4)
-                ql[i + 32] = (lb[i + 32] & 0xF) | ((lb[i + 96] & 0xF) << 4)
-                qh[i] = ((lb[i] >> 4) | ((lb[i + 32] >> 4) << 2) | ((lb[i + 64] >> 4) << 4)
-                         | ((lb[i + 96] >> 4) << 6))
-
-
-@_jit
-def _decode_affine_k(data, five_bits, out):
-    """dequantize_row_q4_K / q5_K: value = d * sc * q - dmin * m, in C's float order."""
-    for b in range(data.shape[0]):
-        blk = data[b]
-        d = _get_f16(blk, 0)
-        dmin = _get_f16(blk, 2)
-        sc_bytes = blk[4:16]
-        qs = blk[48:176] if five_bits else blk[16:144]
-        y = out[b]
-        u1 = 1
-        u2 = 2
-        for half in range(4):
-            sc, m = _scale_min_k4(2 * half, sc_bytes)
-            d1 = d * F32(sc)
-            m1 = dmin * F32(m)
-            sc, m = _scale_min_k4(2 * half + 1, sc_bytes)
-            d2 = d * F32(sc)
-            m2 = dmin * F32(m)
-            for i in range(32):
-                q = qs[32 * half + i]
-                lo = np.int64(q & 0xF)
-                hi = np.int64(q >> 4)
-                if five_bits:
-                    if blk[16 + i] & u1:
-                        lo += 16
-                    if blk[16 + i] & u2:
-                        hi += 16
-                y[64 * half + i] = d1 * F32(lo) - m1
-                y[64 * half + 32 + i] = d2 * F32(hi) - m2
-            u1 <<= 2
-            u2 <<= 2
-
-
-@_jit
-def _decode_q6_k(data, out):
-    for b in range(data.shape[0]):
-        blk = data[b]
-        d = _get_f16(blk, 208)
-        sc = blk[192:208].view(np.int8)
-        y = out[b]
-        for half in range(2):
-            ql = blk[64 * half:64 * half + 64]
-            qh = blk[128 + 32 * half:128 + 32 * half + 32]
-            for i in range(32):
-                s = 8 * half + i // 16
-                q1 = np.int64((ql[i] & 0xF) | (((qh[i] >> 0) & 3) << 4)) - 32
-                q2 = np.int64((ql[i + 32] & 0xF) | (((qh[i] >> 2) & 3) << 4)) - 32
-                q3 = np.int64((ql[i] >> 4) | (((qh[i] >> 4) & 3) << 4)) - 32
-                q4 = np.int64((ql[i + 32] >> 4) | (((qh[i] >> 6) & 3) << 4)) - 32
-                base = 128 * half + i
-                y[base] = d * F32(sc[s]) * F32(q1)
-                y[base + 32] = d * F32(sc[s + 2]) * F32(q2)
-                y[base + 64] = d * F32(sc[s + 4]) * F32(q3)
-                y[base + 96] = d * F32(sc[s + 6]) * F32(q4)
-
+_jit = functools.cache(lambda: importlib.import_module("mmconvert.formats.kquants_jit"))
 
 _NO_BLOCK_WEIGHTS = np.empty((0, QK_K), np.float32)
 
@@ -316,34 +56,34 @@ class _SuperBlockType(GGMLType):
 class Q4_K(_SuperBlockType, qtype=GGMLQuantizationType.Q4_K):
     @classmethod
     def _run_encoder(cls, x, out, weights):
-        _encode_q4_k(x, weights, out)
+        _jit()._encode_q4_k(x, weights, out)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
         out = np.empty((len(data), QK_K), np.float32)
-        _decode_affine_k(np.ascontiguousarray(data), False, out)
+        _jit()._decode_affine_k(np.ascontiguousarray(data), False, out)
         return out
 
 
 class Q5_K(_SuperBlockType, qtype=GGMLQuantizationType.Q5_K):
     @classmethod
     def _run_encoder(cls, x, out, weights):
-        _encode_q5_k(x, weights, out)
+        _jit()._encode_q5_k(x, weights, out)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
         out = np.empty((len(data), QK_K), np.float32)
-        _decode_affine_k(np.ascontiguousarray(data), True, out)
+        _jit()._decode_affine_k(np.ascontiguousarray(data), True, out)
         return out
 
 
 class Q6_K(_SuperBlockType, qtype=GGMLQuantizationType.Q6_K):
     @classmethod
     def _run_encoder(cls, x, out, weights):
-        _encode_q6_k(x, weights, out)
+        _jit()._encode_q6_k(x, weights, out)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
         out = np.empty((len(data), QK_K), np.float32)
-        _decode_q6_k(np.ascontiguousarray(data), out)
+        _jit()._decode_q6_k(np.ascontiguousarray(data), out)
         return out

@@ -25,15 +25,16 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import numpy as np
-from numba import njit
 
-from mmconvert.formats import kquant_search as _ks
 from mmconvert.formats.gguf_constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+# numba kernels load on first use: its import (~1.5 s) is paid only by K-quant or imatrix runs
+_quants_jit = functools.cache(lambda: importlib.import_module("mmconvert.formats.quants_jit"))
 _CHUNK = 1 << 16  # elements per kernel step: the float32 temporaries stay in L2
 _HALF_MINUS_ULP = np.float32(0.49999997)  # nextafter(0.5, 0)
 _F32, _U8, _U16, _U32 = np.float32, np.uint8, np.uint16, np.uint32
@@ -282,39 +283,6 @@ class Q8_0(GGMLType, qtype=GGMLQuantizationType.Q8_0):
         return data[:, 2:].view(np.int8).astype(_F32) * _f16_column(data, 0)
 
 
-_WEIGHTED_RMIN, _WEIGHTED_RDELTA = _F32(-0.9), _F32(0.05)  # quantize_row_q{4,5}_1_impl
-
-
-@njit(cache=True, nogil=True)
-def _weighted_nibble_rows(x, qw, row_blocks, nmax, affine, d_bits, m_bits, levels):
-    """ggml's quantize_row_q{4,5}_{0,1}_impl over chunks of whole rows: x, qw (k, 32), k a
-    multiple of ``row_blocks``. Per block: f16 bits of d (and of m = -min when ``affine``)
-    and the levels (k, 32) uint8. sigma2 is the row's mean of x**2, summed in row order."""
-    weight = np.empty(32, np.float32)
-    signed = np.empty(32, np.int8)
-    aux = np.empty(32, np.uint8)
-    n_per_row = _F32(row_blocks * 32)
-    for row in range(x.shape[0] // row_blocks):
-        sum_x2 = _F32(0)
-        for ib in range(row * row_blocks, (row + 1) * row_blocks):
-            for j in range(32):
-                sum_x2 += x[ib, j] * x[ib, j]
-        sigma2 = sum_x2 / n_per_row
-        for ib in range(row * row_blocks, (row + 1) * row_blocks):
-            xb = x[ib]
-            for j in range(32):
-                weight[j] = qw[ib, j] * _F32(np.sqrt(sigma2 + xb[j] * xb[j]))
-            if affine:
-                d, the_min = _ks.make_qkx3_quants(32, nmax, xb, weight, levels[ib], aux,
-                                                  _WEIGHTED_RMIN, _WEIGHTED_RDELTA, 36, False)
-                m_bits[ib] = _ks.fp32_to_fp16_bits(-the_min)
-            else:
-                d = _ks.make_qx_quants(32, (nmax + 1) // 2, xb, signed, 1, weight)
-                for j in range(32):
-                    levels[ib, j] = signed[j]
-            d_bits[ib] = _ks.fp32_to_fp16_bits(d)
-
-
 class _Nibbles(GGMLType):
     """Q4_0 / Q4_1 / Q5_0 / Q5_1: 32-value blocks of 4- or 5-bit levels."""
 
@@ -336,7 +304,7 @@ class _Nibbles(GGMLType):
         d_bits = np.empty(len(x), _U16)
         m_bits = np.empty(len(x), _U16)
         q = np.empty(x.shape, _U8)
-        _weighted_nibble_rows(np.ascontiguousarray(x, dtype=_F32),
+        _quants_jit()._weighted_nibble_rows(np.ascontiguousarray(x, dtype=_F32),
                               np.ascontiguousarray(weights, dtype=_F32), row_blocks,
                               cls.levels - 1, cls.affine, d_bits, m_bits, q)
         out.view(_U16)[:, 0] = d_bits

@@ -215,3 +215,19 @@ def test_tensor_type_policy(name, shape, expected):
 
 def test_docstring_examples():
     assert doctest.testmod(quants, raise_on_error=True).attempted > 0
+
+
+def test_numba_loads_only_for_types_that_need_it():
+    """numba's import (~1.5 s) and first compile are paid only by K-quant, IQ or imatrix runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from mmconvert.formats import quants\n"
+            "x = np.ones((2, 256), np.float32)\n"
+            "for t in ('F16', 'BF16', 'Q8_0', 'Q4_0', 'Q5_1'): quants.quantize(x, t)\n"
+            "print('numba' in sys.modules)\n"
+            "quants.quantize(x, 'Q4_K')\n"
+            "print('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
