@@ -11,12 +11,12 @@ import re
 import warnings
 from pathlib import Path
 
-from mmconvert.errors import CheckpointError
+from mmconvert.errors import CheckpointError, import_extra
 
 
 def load_state_dict(path: Path) -> dict:
     """The state dict in ``path`` as CPU tensors; never executes pickled code."""
-    import torch
+    torch = import_extra("torch", extra="hf", job=f"reading {path.name} (a pickled checkpoint)")
 
     try:
         with warnings.catch_warnings():

@@ -120,3 +120,43 @@ class CasesError(MMConvertError, ValueError):
 
 class UsageError(MMConvertError, ValueError):
     """Options that do not go together (exit 2)."""
+
+
+# pyproject.toml's optional extras: what each adds to the base install. The one place that maps
+# a job to the extra it needs; every "not installed" message is built from it.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "hf": ("torch", "transformers", "accelerate"),
+    "verify": ("torch", "transformers", "accelerate"),
+    "llama": ("llama-cpp-python",),
+}
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs ``extra`` today (mmconvert is not on PyPI: from a checkout)."""
+    return f"pip install -e '.[{extra}]' in the mmconvert checkout"
+
+
+class MissingExtraError(MMConvertError, RuntimeError):
+    """A job needs an optional extra (``[hf]``, ``[verify]``, ``[llama]``) that is not
+    installed; the message names the extra and the command that installs it."""
+
+    def __init__(self, job: str, extra: str):
+        self.job = job
+        self.extra = extra
+        super().__init__(f"{job} needs the [{extra}] extra ({', '.join(EXTRAS[extra])}): "
+                         f"{install_hint(extra)}", name=extra)
+
+
+def import_extra(module: str, *, extra: str, job: str):
+    """``module`` imported, or :class:`MissingExtraError` naming ``extra`` for ``job``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(job, extra) from exc
+
+
+class ImatrixError(MMConvertError, ValueError):
+    """An importance-matrix file (``--imatrix``) that is unreadable, damaged, or does not fit
+    the model (names, sizes), or calibration input ``mmconvert imatrix`` cannot use."""

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmconvert.errors import MissingExtraError, install_hint
+
 _LOG_CALLBACK = None  # kept alive: llama.cpp holds a pointer to it
 GGML_TYPE_F32 = 0
 FLASH_ATTN_DISABLED = 0  # enum llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
@@ -31,9 +33,11 @@ def unavailable() -> str | None:
     """None when llama_cpp imports, else the reason (for a 'skipped' line)."""
     try:
         import llama_cpp  # noqa: F401
-    except Exception as exc:  # ImportError, or a shared library that fails to load
-        return (f"llama-cpp-python is not importable ({type(exc).__name__}: {exc}); "
-                "pip install 'mmconvert[llama]'")
+    except ImportError:
+        return str(MissingExtraError("llama.cpp (run, the gguf_llama backend)", "llama"))
+    except Exception as exc:  # installed, but its shared library fails to load
+        return (f"llama-cpp-python is installed but does not load ({type(exc).__name__}: "
+                f"{exc}); reinstall it: {install_hint('llama')}")
     return None
 
 

@@ -63,7 +63,8 @@ def run_cmd(out: Path, prompt: str, embeddings: Path | None, max_tokens: int, te
     """Generate text from the GGUF bundle OUT (written by `mmconvert to-gguf`) with llama.cpp:
     the projector GGUF projects the --embeddings, the rows replace the prompt's placeholders
     (or are prepended), and generation stops at any of the bundle's eos ids. Text streams to
-    stdout, timings go to stderr. Needs llama-cpp-python (pip install 'mmconvert[llama]').
+    stdout, timings go to stderr. Needs the [llama] extra
+    (llama-cpp-python: pip install -e '.[llama]' in the mmconvert checkout).
 
     \b
     Example:
