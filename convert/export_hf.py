@@ -2,7 +2,9 @@
 
 Layout (documented in ``docs/hf-bundle.md``): ``model.safetensors`` (or shards plus
 ``model.safetensors.index.json``) with the language model only, so plain ``from_pretrained``
-sees no unexpected keys; ``multimodal_projector.safetensors``; ``config.json`` (Qwen3 +
+sees no unexpected keys; ``multimodal_projector/model.safetensors`` (in a subfolder, so that
+loaders globbing the root's ``*.safetensors``, vLLM's among them, see only the language model);
+``config.json`` (Qwen3 +
 ``auto_map`` + ``multimodal_config``); ``generation_config.json``; tokenizer files;
 ``modeling_mmqwen3.py``; ``README.md``; ``mmconvert.json``.
 """
@@ -14,7 +16,13 @@ from pathlib import Path
 
 from mmconvert.convert.hf_config import generation_config, hf_config, projector_config
 from mmconvert.convert.model import CanonicalModel
-from mmconvert.convert.plan_hf import PROJECTOR_FILE, PROJECTOR_STEM, hf_config_dtype, plan_hf
+from mmconvert.convert.plan_hf import (
+    PROJECTOR_DIR,
+    PROJECTOR_FILE,
+    PROJECTOR_STEM,
+    hf_config_dtype,
+    plan_hf,
+)
 from mmconvert.formats.bundle import (
     BundleDir,
     Input,
@@ -41,7 +49,7 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
     language model and the projector)."""
     out = Path(out)
     lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
-    sources = SourceHashes(manifest_sources(model))  # overlaps the writing
+    sources = SourceHashes(manifest_sources(model), model.tensors.refs())  # fed by the reads
     digests: dict[str, str] = {}
     with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
         report = (progress(data_bytes(lm_plan.tensors) + data_bytes(projector_plan.tensors))
@@ -50,8 +58,10 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
                                   progress=report, digests=digests)
         # the projector is small: always one file, whatever the shard limit
         whole = sum(t.source.nbytes for t in projector_plan.tensors) * 2 + 1
-        files += write_safetensors(tmp, projector_plan.tensors, stem=PROJECTOR_STEM,
-                                   max_shard_bytes=whole, progress=report)
+        (tmp / PROJECTOR_DIR).mkdir()
+        files += [f"{PROJECTOR_DIR}/{name}" for name in write_safetensors(
+            tmp / PROJECTOR_DIR, projector_plan.tensors, stem=PROJECTOR_STEM,
+            max_shard_bytes=whole, progress=report)]
         config_dtype = hf_config_dtype(model, dtype)
         projector = projector_config(model, PROJECTOR_FILE, PROJECTOR_PREFIX,
                                      projector_plan.projectors)

@@ -2,9 +2,11 @@
 
 The language-model tensors keep their (already HF) canonical names so that a plain
 ``Qwen3ForCausalLM`` loads the shards with no missing or unexpected keys; the projector tensors
-go to their own file (``multimodal_projector.safetensors``) under
+go to their own file in a subfolder (:data:`PROJECTOR_FILE`,
+``multimodal_projector/model.safetensors``) under
 ``multimodal_projector.<modality>.<layer>.<weight|bias>``, which only the bundle's remote code
-reads. Tied embeddings stay tied: ``lm_head.weight`` is not in the canonical table then, so it is
+reads: loaders that glob ``*.safetensors`` at the folder's root when there is no index (vLLM
+does) would otherwise try to load the projector into ``Qwen3ForCausalLM`` and fail. Tied embeddings stay tied: ``lm_head.weight`` is not in the canonical table then, so it is
 not planned.
 """
 
@@ -19,8 +21,9 @@ from mmconvert.errors import UnsupportedError
 from mmconvert.formats.dtypes import FLOAT_DTYPES, TORCH_NAMES
 
 HF_DTYPES = ("auto", "float32", "float16", "bfloat16")
-PROJECTOR_STEM = "multimodal_projector"
-PROJECTOR_FILE = f"{PROJECTOR_STEM}.safetensors"
+PROJECTOR_DIR = "multimodal_projector"  # a subfolder: nothing at the root but the LM's weights
+PROJECTOR_STEM = "model"
+PROJECTOR_FILE = f"{PROJECTOR_DIR}/{PROJECTOR_STEM}.safetensors"
 
 
 def check_modality_names(model: CanonicalModel) -> None:

@@ -4,7 +4,7 @@ The folder must serve two readers at once. Plain transformers (and vLLM, llama.c
 ...) see an ordinary Qwen3 folder: ``config.json`` with ``architectures: [Qwen3ForCausalLM]`` and
 only standard keys they understand. ``trust_remote_code=True`` follows ``auto_map`` to
 ``modeling_mmqwen3.py``, which reads the projector description stored under
-:data:`CONFIG_KEY` and the weights in ``multimodal_projector.safetensors``. The layout is
+:data:`CONFIG_KEY` and the weights in ``multimodal_projector/model.safetensors``. The layout is
 documented in ``docs/hf-bundle.md``. The configs' contents are built from the canonical model
 in :mod:`mmconvert.convert.hf_config`; this module holds the format's names and writes files.
 """

@@ -162,7 +162,7 @@ def test_lm_folder_is_standard_qwen3(hf_bundle, variant):
     lm_names = {n for n in b.model.tensors if not n.startswith("mm.")}
     assert set(weight_map) == lm_names  # no projector tensors, no lm_head when tied
     assert ("lm_head.weight" in weight_map) is (not b.model.tied)
-    with safe_open(str(b.out / "multimodal_projector.safetensors"), "pt") as f:
+    with safe_open(str(b.out / "multimodal_projector" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert names == {"multimodal_projector." + n[3:] for n in b.model.tensors if n.startswith("mm.")}
     assert "multimodal_projector.m1.fc1.weight" in names
@@ -265,7 +265,8 @@ def test_model_card_and_manifest(hf_bundle):
     manifest = json.loads((b.out / "mmconvert.json").read_text())
     assert manifest["kind"] == "hf" and manifest["special_ids"]["eos"] == b.model.special.eos
     outputs = {o["path"]: o["sha256"] for o in manifest["outputs"]}
-    on_disk = {p.name for p in b.out.iterdir()} - {"mmconvert.json"}
+    on_disk = {p.relative_to(b.out).as_posix() for p in b.out.rglob("*")
+               if p.is_file()} - {"mmconvert.json"}
     assert set(outputs) == on_disk
     assert outputs["config.json"] == sha256_file(b.out / "config.json")
     # a local base path is not a Hub id: no base_model in the card
@@ -284,7 +285,7 @@ def test_dtype_cast(make_checkpoint, tmp_path):
     src = model.tensors["model.norm.weight"]
     with safe_open(str(out / "model.safetensors"), "np") as f:
         got = f.get_tensor("model.norm.weight")
-    with safe_open(str(out / "multimodal_projector.safetensors"), "np") as f:
+    with safe_open(str(out / "multimodal_projector" / "model.safetensors"), "np") as f:
         assert f.get_tensor("multimodal_projector.m1.fc1.weight").dtype == np.float16
     from mmconvert.formats.dtypes import bf16_to_f32
 
@@ -334,7 +335,7 @@ def test_save_pretrained_keeps_the_layout(hf_bundle, tmp_path):
 
     b = hf_bundle("no-layer-norm-relu")
     b.remote.save_pretrained(tmp_path / "again")
-    assert (tmp_path / "again" / "multimodal_projector.safetensors").is_file()
+    assert (tmp_path / "again" / "multimodal_projector" / "model.safetensors").is_file()
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True,
                                                  dtype=torch.float32)
     ids, inputs = prompts(b.model.multimodal_token_id)[2]
@@ -348,8 +349,8 @@ def test_missing_projector_file_fails_loudly(hf_bundle, tmp_path):
 
     copy = tmp_path / "broken"
     shutil.copytree(hf_bundle("tanh").out, copy)
-    (copy / "multimodal_projector.safetensors").unlink()
-    with pytest.raises(OSError, match="multimodal_projector.safetensors"):
+    (copy / "multimodal_projector" / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="multimodal_projector/model.safetensors"):
         AutoModelForCausalLM.from_pretrained(copy, trust_remote_code=True)
 
 
@@ -401,3 +402,60 @@ def test_export_streams_without_torch(make_checkpoint, tmp_path):
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_root_holds_only_the_language_model(hf_bundle):
+    """vLLM (and any loader that globs the root's *.safetensors when there is no index) loads
+    every root file into Qwen3ForCausalLM: the projector must not be among them."""
+    from safetensors import safe_open
+
+    b = hf_bundle("default")
+    root = sorted(p.name for p in b.out.glob("*.safetensors"))
+    assert root == ["model.safetensors"]
+    with safe_open(str(b.out / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    assert not [n for n in names if n.startswith("multimodal_projector.")]
+    cfg = json.loads((b.out / "config.json").read_text())
+    assert cfg["multimodal_config"]["weights"] == "multimodal_projector/model.safetensors"
+
+
+HUB_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True,
+                                             dtype=torch.float32, attn_implementation="eager")
+ids, mm = torch.tensor([[int(i) for i in sys.argv[2].split(",")]]), torch.load(sys.argv[3])
+with torch.no_grad():
+    torch.save(model(input_ids=ids, mm_inputs=mm).logits[0], sys.argv[4])
+"""
+
+
+def test_remote_code_loads_the_projector_from_the_hub(hf_bundle, tmp_path):
+    """A Hub id: the remote code fetches the projector with hf_hub_download from the repo's
+    multimodal_projector/ subfolder (a real process against the fake Hub, nothing cached)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fake_hub import FakeHub
+
+    b = hf_bundle("default")
+    files = {p.relative_to(b.out).as_posix(): p.read_bytes() for p in b.out.rglob("*")
+             if p.is_file()}
+    ids, inputs = prompts(b.model.multimodal_token_id)[2]
+    torch.save(inputs, tmp_path / "mm.pt")
+    with FakeHub({}) as hub:
+        hub.add_repo("alice/tiny-mm", files)
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+               "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home")}
+        env.pop("HF_TOKEN", None)
+        proc = subprocess.run([sys.executable, "-c", HUB_LOAD, "alice/tiny-mm",
+                               ",".join(map(str, ids)), str(tmp_path / "mm.pt"),
+                               str(tmp_path / "logits.pt")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        fetched = [r.path for r in hub.requests if "multimodal_projector" in r.path]
+    assert any(p.endswith("/multimodal_projector/model.safetensors") for p in fetched), fetched
+    got = torch.load(tmp_path / "logits.pt")
+    assert max_diff(got, b.seed.logits(ids, inputs)) <= TOL

@@ -73,7 +73,7 @@ def test_activations_follow_the_config_names(remote_code):
 
 
 def test_projector_config_is_ordered_and_self_describing(model):
-    cfg = projector_config(model, "multimodal_projector.safetensors", "multimodal_projector.")
+    cfg = projector_config(model, "multimodal_projector/model.safetensors", "multimodal_projector.")
     assert [m["name"] for m in cfg["modalities"]] == list(model.projectors) == ["m1", "m2"]
     m2 = cfg["modalities"][1]
     assert (m2["input_dim"], m2["hidden_dim"], m2["output_dim"]) == (80, 96, 64)

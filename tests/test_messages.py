@@ -97,7 +97,8 @@ def test_converting_commands_print_the_path_as_given_and_the_names(example_ckpt,
     shutil.copytree(example_ckpt, tmp_path / "ckpt")
     result = run_cli(command, "ckpt", "-o", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    out = tmp_path / "out"  # files in subfolders (the HF projector) are named by their path
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith(f"wrote {len(names)} files to out: "), line
     assert sorted(line.split(": ", 1)[1].split(", ")) == names

@@ -167,7 +167,7 @@ def test_fused_gate_up_is_split_lazily_and_fused_back_bit_exact(kinds):
 def test_hf_keeps_the_raw_gate_and_gguf_stores_it_applied(kinds):
     k = kinds["A"]
     source = _state_dict(k["ckpt"])
-    with safe_open(str(k["root"] / "hf" / "multimodal_projector.safetensors"), "pt") as f:
+    with safe_open(str(k["root"] / "hf" / "multimodal_projector" / "model.safetensors"), "pt") as f:
         for m in ("m1", "m2"):
             raw = source[f"multimodal_projector.projectors.{m}.gate"]
             assert torch.equal(f.get_tensor(f"multimodal_projector.{m}.gate.gate"), raw)
@@ -253,7 +253,7 @@ def test_gate_applied_in_the_hf_bundle_is_caught(kinds, tmp_path):
         g = to_float32(arrays[name].view(np.uint16), "BF16")
         arrays[name] = (transforms.apply_tanh_gate(g).view(np.uint32) >> 16).astype(np.int16)
 
-    edit_safetensors(bundle / "multimodal_projector.safetensors", apply)
+    edit_safetensors(bundle / "multimodal_projector" / "model.safetensors", apply)
     code, out = verify(k["ckpt"], bundle, k["root"] / "ref.safetensors")
     assert_caught(code, out, name, "holds tanh(g) instead of the raw gate g", "logits:")
 
@@ -268,7 +268,7 @@ def test_gate_and_up_swapped_is_caught(kinds, tmp_path):
         g, u = "multimodal_projector.m1.glu.gate.weight", "multimodal_projector.m1.glu.up.weight"
         arrays[g], arrays[u] = arrays[u], arrays[g]
 
-    edit_safetensors(bundle / "multimodal_projector.safetensors", swap)
+    edit_safetensors(bundle / "multimodal_projector" / "model.safetensors", swap)
     code, out = verify(k["ckpt"], bundle, k["root"] / "ref.safetensors")
     assert_caught(code, out, "multimodal_projector.m1.glu.gate.weight",
                   "gate and up of the gated projector are swapped", "logits:")

@@ -94,12 +94,14 @@ def _read_set(folder: Path, kind: str, listed: dict[str, Listed]) -> list[str]:
     """Relative paths of the files verify will read: listed ones (not the docs) and any
     unlisted file of a kind it reads."""
     names = [rel for rel in listed if not rel.endswith(UNREAD_SUFFIXES)]
-    for path in sorted(folder.iterdir()):
-        if path.name in listed or path.name in (MANIFEST, VERIFY_JSON) or not path.is_file():
+    # subfolders too: the HF bundle's projector lives in multimodal_projector/
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel in listed or rel in (MANIFEST, VERIFY_JSON) or not path.is_file():
             continue
-        if path.suffix in READ_SUFFIXES.get(kind, ()) or path.name in READ_NAMES.get(kind, ()):
+        if path.suffix in READ_SUFFIXES.get(kind, ()) or rel in READ_NAMES.get(kind, ()):
             raise TamperedBundleError(
-                f"tampered bundle: {shown(folder, path.name)} is not listed in {MANIFEST}\n"
+                f"tampered bundle: {shown(folder, rel)} is not listed in {MANIFEST}\n"
                 f"verify would read it; {REFETCH_HINT}, or remove the file", path=path)
     return names
 

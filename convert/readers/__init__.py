@@ -44,6 +44,7 @@ def register(reader: Reader) -> Reader:
 
 def _load_builtin_readers() -> None:
     from mmconvert.convert.readers import (  # noqa: F401
+        hf_bundle,  # before qwen3_with_projector: our bundle's config.json is a Qwen3 one too
         llava_qwen3,
         multimodal_qwen3,
         peft_lora,
@@ -63,6 +64,11 @@ def read_checkpoint(path: str | Path, options: ReadOptions | None = None) -> Can
         _load_builtin_readers()
     if (path / "adapter_config.json").is_file():
         return next(r for r in READERS if r.name == "peft-lora").read(path, options)
+    from mmconvert.convert.readers.safetensors_bundle import unreadable_bundle
+
+    refusal = unreadable_bundle(path)  # our own bundles that cannot be converted again
+    if refusal is not None:
+        raise refusal
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: missing config.json (is this a checkpoint folder?)")
     for reader in READERS:

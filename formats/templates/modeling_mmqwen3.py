@@ -9,7 +9,10 @@ What it reads:
 - ``config.multimodal_config``: the projector description (modalities in fusion order, each an
   ordered list of layers ``linear | layer_norm | act | glu | tanh_gate``), the placeholder
   token and its id;
-- ``multimodal_projector.safetensors``: tensors ``multimodal_projector.<modality>.<layer>.<param>``.
+- ``multimodal_projector/model.safetensors`` (``multimodal_config.weights``, a path relative to
+  the bundle: a subfolder, so that loaders reading every ``*.safetensors`` at the root, vLLM's
+  among them, see only the language model): tensors
+  ``multimodal_projector.<modality>.<layer>.<param>``.
 
 Inputs: ``mm_inputs = {"m1": [tensor, ...], "m2": [...]}``; an item is ``[input_dim]`` (one
 row) or ``[n, input_dim]``. The seed model's spellings are aliases: ``multimodal_embeddings=``
@@ -34,6 +37,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 CONFIG_KEY = "multimodal_config"
 PROJECTOR_FORMAT = "mmconvert.multimodal_projector"
 SUPPORTED_VERSIONS = (1, 2)  # 2 adds the glu and tanh_gate layer kinds
+PROJECTOR_WEIGHTS = "multimodal_projector/model.safetensors"  # multimodal_config.weights default
 IGNORE_INDEX = -100
 # the keywords that carry multimodal inputs: ours, then the seed model's (an alias each)
 INPUT_KEYWORD = "mm_inputs"
@@ -136,6 +140,18 @@ def projector_spec(config: Qwen3Config | Qwen3MoeConfig) -> dict[str, Any]:
                          f"{' or '.join(map(str, SUPPORTED_VERSIONS))}: update the bundle's "
                          "modeling_mmqwen3.py")
     return dict(spec)
+
+
+def weights_location(spec: Mapping[str, Any]) -> tuple[str, str]:
+    """(subfolder, file name) of the projector weights, from ``multimodal_config.weights``: a
+    relative path inside the bundle (``/``-separated), never absolute and never with ``..``."""
+    weights = spec.get("weights", PROJECTOR_WEIGHTS)
+    parts = weights.split("/") if isinstance(weights, str) else []
+    if not parts or weights.startswith("/") or "\\" in weights or \
+            any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{CONFIG_KEY}.weights {weights!r} is not a relative path inside the "
+                         f"bundle (e.g. {PROJECTOR_WEIGHTS!r})")
+    return "/".join(parts[:-1]), parts[-1]
 
 
 def as_rows(item: Any, input_dim: int, modality: str) -> torch.Tensor:
@@ -262,16 +278,20 @@ class MultimodalMixin:
         return (model, info) if want_info else model
 
     def load_projector(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
-        """Copy ``multimodal_projector.safetensors`` into the projector; every tensor must be
-        there with the right shape (a silently random projector would be worse than an error)."""
+        """Copy the projector weights (``multimodal_projector/model.safetensors``) into the
+        projector, from the folder or the Hub repo (``hf_hub_download`` with its subfolder);
+        every tensor must be there with the right shape (a silently random projector would be
+        worse than an error)."""
         from safetensors.torch import load_file
         from transformers.utils import cached_file
 
         spec = projector_spec(self.config)
-        filename = spec.get("weights", "multimodal_projector.safetensors")
+        folder, name = weights_location(spec)
+        filename = f"{folder}/{name}" if folder else name
         prefix = spec.get("tensor_prefix", "multimodal_projector.")
-        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
-                           **hub_kwargs)
+        subfolder = "/".join(p for p in (hub_kwargs.pop("subfolder", ""), folder) if p)
+        path = cached_file(name_or_path, name, subfolder=subfolder,
+                           _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if path is None:
             raise OSError(f"{name_or_path}: missing {filename} (the projector weights)")
         state = load_file(path)
@@ -300,8 +320,10 @@ class MultimodalMixin:
         prefix = spec.get("tensor_prefix", "multimodal_projector.")
         projector = {prefix + k[len("multimodal_projector."):]: v.detach().contiguous().cpu()
                      for k, v in state.items() if k.startswith("multimodal_projector.")}
-        save_file(projector, os.path.join(save_directory, spec.get(
-            "weights", "multimodal_projector.safetensors")), metadata={"format": "pt"})
+        folder, name = weights_location(spec)
+        os.makedirs(os.path.join(save_directory, folder), exist_ok=True)
+        save_file(projector, os.path.join(save_directory, folder, name),
+                  metadata={"format": "pt"})
 
     # --- projection and fusion -----------------------------------------------------------
 

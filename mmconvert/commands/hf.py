@@ -45,7 +45,7 @@ def to_hf_cmd(ckpt: Path, out: Path | None, dtype: str, max_shard_size: str, fol
               read: dict, strict: bool, force: bool, dry_run: bool, push: PushRequest,
               progress: ByteBar | None) -> None:
     """Write a Hugging Face folder: a standard Qwen3 model (loads with plain
-    AutoModelForCausalLM, vLLM, ...) plus the projectors in multimodal_projector.safetensors and
+    AutoModelForCausalLM, vLLM, ...) plus the projectors in multimodal_projector/model.safetensors and
     remote code, so that from_pretrained(OUT, trust_remote_code=True) takes
     mm_inputs={"m1": [tensor, ...], ...} in forward and generate. Also copies the tokenizer
     (with the multimodal token) and chat template, and writes generation_config.json with the

@@ -148,7 +148,7 @@ def flip_last_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kind", "pattern"), [
-    ("st", "model.safetensors"), ("hf", "multimodal_projector.safetensors"),
+    ("st", "model.safetensors"), ("hf", "multimodal_projector/model.safetensors"),
     ("hf", "config.json"), ("gguf", "ckpt-*.gguf"), ("gguf", "mmproj-*.gguf")])
 def test_a_tampered_file_is_reported_as_tampered_not_compared(example_ckpt, bundles, tmp_path,
                                                               kind, pattern):
@@ -159,7 +159,8 @@ def test_a_tampered_file_is_reported_as_tampered_not_compared(example_ckpt, bund
     else:
         flip_last_byte(target)
     result = verify(example_ckpt, bundles, bundle)
-    assert_refused(result, needle=f"{bundle.name}/{target.name} does not match mmconvert.json")
+    rel = target.relative_to(bundle).as_posix()
+    assert_refused(result, needle=f"{bundle.name}/{rel} does not match mmconvert.json")
     assert result.error_lines[0].startswith("error: tampered bundle: ")
     assert "parity" not in result.stdout.lower() and "FAIL" not in result.stdout
 
@@ -170,6 +171,16 @@ def test_an_unlisted_weight_file_is_tampered(example_ckpt, bundles, tmp_path):
     shutil.copyfile(bundle / "model.safetensors", bundle / "extra.safetensors")
     result = verify(example_ckpt, bundles, bundle)
     assert_refused(result, needle="extra.safetensors is not listed in mmconvert.json")
+
+
+def test_an_unlisted_weight_file_in_a_subfolder_is_tampered(example_ckpt, bundles, tmp_path):
+    """The HF bundle's projector lives in multimodal_projector/: files there are held to the
+    manifest like the root's."""
+    bundle = copy_bundle(bundles, "hf", tmp_path)
+    shutil.copyfile(bundle / "model.safetensors", bundle / "multimodal_projector" / "x.safetensors")
+    result = verify(example_ckpt, bundles, bundle)
+    assert_refused(result, needle="multimodal_projector/x.safetensors is not listed in "
+                                  "mmconvert.json")
 
 
 def test_no_checksums_bundle_verifies_on_sizes(example_ckpt, bundles, tmp_path):
