@@ -1,7 +1,9 @@
 """``mmconvert example OUT``: the small deterministic checkpoint in the seed's layout that the
 README's commands convert (two modalities, the seed's MLP projector with layer norm, a real
 byte-level BPE tokenizer with Qwen2's pre-tokenizer, trained on a small built-in corpus, with
-Qwen's special tokens and the multimodal token added). Weights are random but seeded.
+Qwen's special tokens and the multimodal token added). Weights are random but seeded. Beside
+it, ``example_inputs.safetensors``: one seeded item of embeddings per modality for
+``mmconvert run --embeddings`` (and the snippets of the README and the docs).
 
 The test matrix (every dialect, MoE, projector kinds, pickles, shards, ...) is not here: it is
 ``testkit/checkpoints.py``, which builds on the pieces below.
@@ -63,6 +65,11 @@ class ExampleShape:
     multimodal_token: str = "<|multimodal|>"
 
 
+# beside the weights: the embeddings `mmconvert run --embeddings` takes (readers open only
+# model.safetensors or an index's shards, so this file is never mistaken for weights)
+EXAMPLE_INPUTS = "example_inputs.safetensors"
+
+
 def build_tokenizer(bpe_vocab_size: int, multimodal_token: str):
     """A byte-level BPE like Qwen2's (split regex, NFC, byte-level), trained on CORPUS."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -119,28 +126,31 @@ def text_config(opts: ExampleShape, vocab_rows: int, ids: dict[str, int]) -> dic
 def random_state_dict(opts: ExampleShape, vocab_rows: int, *,
                       mlp: Callable[..., dict] | None = None,
                       projector: Callable[..., dict] | None = None,
-                      modality: Callable[[Any, str], dict] | None = None) -> dict:
+                      modality: Callable[[Any, str], dict] | None = None,
+                      rng: str = "torch") -> dict:
     """Seeded random weights in the seed's names (``language_model.*``, ``multimodal_projector.*``).
 
     ``mlp(prefix, opts, matrix)``, ``projector(prefix, modality_config, opts, gen, matrix)`` and
     ``modality(opts, name)`` replace the dense MLP, the seed's projector and the modality's
     config (the test matrix plugs MoE layers and other projector kinds in here).
-    """
-    import torch
 
-    gen = torch.Generator().manual_seed(opts.seed)
+    ``rng="numpy"``: float32 numpy arrays from a numpy generator (what ``mmconvert example``
+    writes: the base install has no torch); ``"torch"``: torch tensors in ``opts.dtype`` from a
+    torch generator (the test kit's variants, whose callbacks take a torch generator).
+    """
+    gen = _generator(rng, opts.seed)
     h, d = opts.hidden_size, opts.head_dim
     nq, nkv = opts.num_attention_heads, opts.num_key_value_heads
 
-    def matrix(rows: int, cols: int) -> torch.Tensor:
-        return torch.randn(rows, cols, generator=gen) / math.sqrt(cols)
+    def matrix(rows: int, cols: int):
+        return randn(gen, rows, cols) / math.sqrt(cols)
 
-    def norm(n: int) -> torch.Tensor:
-        return 1.0 + 0.2 * torch.randn(n, generator=gen)
+    def norm(n: int):
+        return 1.0 + 0.2 * randn(gen, n)
 
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
     lm = "language_model.model."
-    state[lm + "embed_tokens.weight"] = torch.randn(vocab_rows, h, generator=gen)
+    state[lm + "embed_tokens.weight"] = randn(gen, vocab_rows, h)
     for layer in range(opts.num_hidden_layers):
         p = f"{lm}layers.{layer}."
         state[p + "input_layernorm.weight"] = norm(h)
@@ -161,9 +171,34 @@ def random_state_dict(opts: ExampleShape, vocab_rows: int, *,
         state.update((projector or seed_projector)(p, m, opts, gen, matrix))
         if m.get("gate"):
             width = h if m["gate"].get("per_channel") else 1
-            state[p + "gate"] = 0.8 * torch.randn(width, generator=gen)
+            state[p + "gate"] = 0.8 * randn(gen, width)
+    if rng == "numpy":
+        return state
+    import torch
+
     dtype = getattr(torch, opts.dtype)
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
+def _generator(rng: str, seed: int):
+    if rng == "numpy":
+        import numpy as np
+
+        return np.random.default_rng(seed)
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(gen, *shape: int):
+    """Standard normals from ``gen``: float32 numpy from a numpy generator, else torch."""
+    import numpy as np
+
+    if isinstance(gen, np.random.Generator):
+        return gen.standard_normal(shape, dtype=np.float32)
+    import torch
+
+    return torch.randn(*shape, generator=gen)
 
 
 def dense_mlp(prefix: str, opts: ExampleShape, matrix) -> dict:
@@ -175,8 +210,6 @@ def dense_mlp(prefix: str, opts: ExampleShape, matrix) -> dict:
 
 def seed_projector(p: str, m: dict, opts: ExampleShape, gen, matrix) -> dict:
     """The seed's nn.Sequential: Linear, [LayerNorm], act, Dropout, Linear, [LayerNorm]."""
-    import torch
-
     h = opts.hidden_size
     hidden = m.get("hidden_dim") or h
     layers = ([("linear", m["input_dim"], hidden), ("norm", hidden, hidden), None, None,
@@ -190,9 +223,31 @@ def seed_projector(p: str, m: dict, opts: ExampleShape, gen, matrix) -> dict:
         if kind == "linear":
             state[f"{p}{index}.weight"] = matrix(fan_out, fan_in)
         else:
-            state[f"{p}{index}.weight"] = 1.0 + 0.2 * torch.randn(fan_out, generator=gen)
-        state[f"{p}{index}.bias"] = 0.1 * torch.randn(fan_out, generator=gen)
+            state[f"{p}{index}.weight"] = 1.0 + 0.2 * randn(gen, fan_out)
+        state[f"{p}{index}.bias"] = 0.1 * randn(gen, fan_out)
     return state
+
+
+def write_weights_numpy(path: Path, state: dict, dtype: str) -> None:
+    """float32 arrays stored as ``dtype`` (a torch dtype name) in one safetensors file, torch not
+    needed (bfloat16 rounded as torch rounds it). The layout is the format's own: 8-byte header
+    length, JSON header padded with spaces to 8 bytes, the data back to back in name order."""
+    from mmconvert.formats.dtypes import convert
+
+    stored = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    blobs, offset = [], 0
+    for name in sorted(state):
+        data = convert(state[name], "F32", stored).tobytes()
+        header[name] = {"dtype": stored, "shape": list(state[name].shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.writelines(blobs)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -219,8 +274,6 @@ def multimodal_config(opts: ExampleShape, modality_configs: dict[str, dict],
 
 def write_example(out: Path, shape: ExampleShape | None = None) -> Path:
     """Write the example checkpoint into ``out`` (created); return ``out``."""
-    from safetensors.torch import save_file
-
     shape = shape or ExampleShape()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +282,29 @@ def write_example(out: Path, shape: ExampleShape | None = None) -> Path:
     mm = multimodal_config(shape, {name: dict(m) for name, m in shape.modalities.items()})
     mm["text_config"] = text_config(shape, ids["size"], ids)
     write_json(out / "config.json", mm)
-    save_file(random_state_dict(shape, ids["size"]), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_weights_numpy(out / "model.safetensors",
+                        random_state_dict(shape, ids["size"], rng="numpy"), shape.dtype)
     follow_umask(out / "model.safetensors")  # the safetensors library writes 0600
+    write_example_inputs(out / EXAMPLE_INPUTS, shape)
     return out
+
+
+def example_inputs(shape: ExampleShape, rows: int = 3) -> dict[str, Any]:
+    """Seeded float32 embeddings, one item per modality (``rows``, ``rows - 1``, ... rows, at
+    least one, each of its modality's ``input_dim``), named as ``mmconvert run --embeddings``
+    reads them: ``{modality: [n, input_dim]}``."""
+    import numpy as np
+
+    rng = np.random.default_rng(shape.seed)
+    return {name: rng.standard_normal((max(rows - i, 1), int(m["input_dim"])), dtype=np.float32)
+            for i, (name, m) in enumerate(shape.modalities.items())}
+
+
+def write_example_inputs(path: Path, shape: ExampleShape) -> Path:
+    """The embeddings file the README's ``mmconvert run`` uses: one item per modality, so a
+    prompt takes one placeholder per modality (or one per row, or none)."""
+    from safetensors.numpy import save_file
+
+    save_file(example_inputs(shape), str(path))
+    follow_umask(path)
+    return path

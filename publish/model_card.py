@@ -24,6 +24,9 @@ from mmconvert.publish.bundle_summary import CARD, BundleSummary, summarize_bund
 
 BEGIN = "<!-- mmconvert:begin -->"
 END = "<!-- mmconvert:end -->"
+# before a usage block that cannot run where the card is written (tests/test_doc_snippets.py
+# runs every other block of a card, and lists these with their reasons)
+SKIP = "<!-- snippet: skip {} -->"
 LIBRARY = {"hf": "transformers", "safetensors": "safetensors", "gguf": "gguf"}
 RELATION = {"hf": "finetune", "safetensors": "finetune", "gguf": "quantized"}
 KIND_TITLE = {"hf": "Hugging Face (transformers) bundle", "safetensors": "safetensors bundle",
@@ -202,17 +205,23 @@ def _usage(s: BundleSummary, repo_id: str) -> list[str]:
                   "Without `trust_remote_code` the folder loads as a plain text-only Qwen3 "
                   f'(`AutoModelForCausalLM.from_pretrained("{repo_id}")`).', ""]
     elif s.kind == "gguf":
-        lines += ["transformers can dequantize the text GGUF (text only; the projectors are in "
-                  "the `mmproj-*.gguf` file, see `mmconvert run` below):", "",
-                  "```python", "from transformers import AutoModelForCausalLM", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", '
-                  f'gguf_file="{gguf_file}")', "```", ""]
+        blocker = transformers_gguf_blocker(s.folder / gguf_file) if texts else None
+        if blocker:
+            lines += ["transformers cannot load this text GGUF: " + blocker + ". Convert the "
+                      "checkpoint with `mmconvert to-hf` for a transformers model.", ""]
+        else:
+            lines += ["transformers can dequantize the text GGUF (text only; the projectors are "
+                      "in the `mmproj-*.gguf` file, see `mmconvert run` below):", "",
+                      "```python", "from transformers import AutoModelForCausalLM", "",
+                      f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", '
+                      f'gguf_file="{gguf_file}")', "```", ""]
     else:
         names = ("the checkpoint's own tensor names: load them into the training code"
                  if s.manifest.get("naming", "source") == "source" else
                  "the HF bundle's tensor names, without its config")
         lines += [f"The weights keep {names}, or convert this folder with `mmconvert to-hf` "
                   "for a transformers model.", "",
+                  SKIP.format("downloads from the Hub"),
                   "```python", "from huggingface_hub import snapshot_download",
                   "from safetensors.torch import load_file", "",
                   f'path = snapshot_download("{repo_id}")',
@@ -231,28 +240,78 @@ def _usage(s: BundleSummary, repo_id: str) -> list[str]:
         embeds = ("prompt_embeds = model.embed_multimodal(input_ids, mm_inputs)[0]  "
                   "# from the transformers example" if s.kind == "hf" else
                   "prompt_embeds = ...  # [T, hidden] float tensor, fused as described above")
-        lines += ["```python", "from vllm import LLM", "",
+        lines += [SKIP.format("needs vLLM (and a GPU or vLLM's CPU build)"), "```python",
+                  "from vllm import LLM", "",
                   f"llm = LLM({model_arg}, enable_prompt_embeds=True)", embeds,
                   'outputs = llm.generate({"prompt_embeds": prompt_embeds})', "```", ""]
         if s.kind == "hf":
             lines += [f"or serve it with `vllm serve {repo_id} --enable-prompt-embeds` and send "
                       "the tensor (`torch.save`, base64) as `prompt_embeds` to the Completions "
                       "API.", ""]
-    lines += ["### mmconvert run (llama.cpp)", ""]
-    if s.kind == "gguf":
-        lines += ["```bash", f"hf download {repo_id} --local-dir {local}",
-                  f'mmconvert run {local} --prompt "{ph} Describe this." '
-                  "--embeddings inputs.safetensors --max-tokens 64", "```", "",
-                  "`mmconvert run` projects the embeddings with the projector GGUF and injects "
-                  "them into llama.cpp (through `llama-cpp-python`) at the placeholder "
-                  "positions.", ""]
-    else:
-        lines += ["Convert to GGUF first, then run with llama.cpp:", "", "```bash",
-                  f"hf download {repo_id} --local-dir {local}",
-                  f"mmconvert to-gguf {local} -o {local}-gguf --outtype q8_0",
-                  f'mmconvert run {local}-gguf --prompt "{ph} Describe this." '
-                  "--embeddings inputs.safetensors", "```", ""]
+    lines += ["### mmconvert run (llama.cpp)", "", SKIP.format("downloads from the Hub"),
+              "```bash", f"hf download {repo_id} --local-dir {local}", "```", ""]
+    bundle = local
+    if s.kind != "gguf":
+        bundle = f"{local}-gguf"
+        lines += ["Convert it to GGUF first:", "", "```bash",
+                  f"mmconvert to-gguf {local} -o {bundle} --outtype q8_0", "```", ""]
+    items = _run_inputs(s)
+    lines += ["The embeddings go in a safetensors file, a tensor `[rows, input_dim]` per item "
+              "(named by its modality, or `MODALITY.K` for several items); random ones to try "
+              "it:", ""]
+    if not items:
+        lines.append(SKIP.format("the bundle does not record its modalities' input dims"))
+        items = '"MODALITY": np.random.randn(3, INPUT_DIM).astype(np.float32)'
+    lines += ["```python", "import numpy as np", "from safetensors.numpy import save_file", "",
+              f'save_file({{{items}}}, "inputs.safetensors")', "```", "",
+              "```bash",
+              f'mmconvert run {bundle} --prompt "{" ".join([ph] * max(len(s.modalities), 1))} '
+              'Describe these." --embeddings inputs.safetensors --max-tokens 64', "```", "",
+              "`mmconvert run` projects the embeddings with the projector GGUF and injects them "
+              "into llama.cpp (through `llama-cpp-python`) at the placeholder positions, one "
+              "placeholder per item.", ""]
     return lines
+
+
+# What transformers' GGUF loader (5.23, integrations/ggml.py) does not read from our archs'
+# keys: it builds the config with the default instead, and from_pretrained then fails on the
+# weights' shapes unless the model happens to have that default.
+# GGUF key (after the arch prefix) -> (the config field, transformers' default)
+TRANSFORMERS_GGUF_UNREAD = {
+    "qwen3": {"attention.key_length": ("head_dim", 128)},
+    "qwen3moe": {"expert_feed_forward_length": ("moe_intermediate_size", 768)},
+}
+
+
+def transformers_gguf_blocker(text_gguf: Path) -> str | None:
+    """Why ``from_pretrained(..., gguf_file=...)`` cannot load ``text_gguf``, or None when it can
+    (checked against transformers 5.23 in ``tests/test_model_card.py``)."""
+    from mmconvert.formats.gguf_reader import read_gguf_keys
+
+    arch_key = "general.architecture"
+    try:
+        arch = read_gguf_keys(text_gguf, [arch_key]).get(arch_key)
+        unread = TRANSFORMERS_GGUF_UNREAD.get(arch, {})
+        values = read_gguf_keys(text_gguf, [f"{arch}.{k}" for k in unread] + ["split.count"])
+    except (OSError, ValueError):
+        return "the file is not readable GGUF"
+    if (values.get("split.count") or 1) > 1:
+        return "it is split into shards, and transformers reads one GGUF file"
+    for key, (field, default) in unread.items():
+        value = values.get(f"{arch}.{key}")
+        if value is not None and value != default:
+            return (f"its GGUF loader does not read `{arch}.{key}` and assumes {field} "
+                    f"{default}, but this model's is {value}")
+    return None
+
+
+def _run_inputs(s: BundleSummary) -> str:
+    """One random float32 item per modality (3 rows), as ``save_file``'s dict; empty when an
+    input dim is unknown."""
+    if not s.modalities or any(not m.input_dim for m in s.modalities):
+        return ""
+    return ", ".join(f'"{m.name}": np.random.randn(3, {m.input_dim}).astype(np.float32)'
+                     for m in s.modalities)
 
 
 def _example_items(s: BundleSummary, name: str, dim: Any) -> tuple[str, int]:

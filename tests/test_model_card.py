@@ -132,3 +132,72 @@ def test_not_a_bundle(bundle, tmp_path, damage, message):
     damage(copy)
     with pytest.raises(BundleError, match=message):
         summarize_bundle(copy)
+
+
+# the GGUF card's transformers snippet, against the real transformers: shown only when it loads
+TRANSFORMERS_GGUF_VARIANTS = {
+    "example (head_dim 16)": {},
+    "head_dim 128": {"head_dim": 128},
+    "moe, expert ffn 32": {"num_experts": 2},
+    "moe, expert ffn 768": {"num_experts": 2, "moe_intermediate_size": 768},
+}
+
+
+def _python_blocks(card: str) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", card, flags=re.S)
+
+
+@pytest.mark.parametrize("variant", sorted(TRANSFORMERS_GGUF_VARIANTS))
+def test_gguf_card_shows_the_transformers_snippet_only_when_it_loads(variant, make_checkpoint,
+                                                                     tmp_path, monkeypatch):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from mmconvert import api
+
+    ckpt = make_checkpoint(**TRANSFORMERS_GGUF_VARIANTS[variant])
+    gguf = api.to_gguf(ckpt, tmp_path / "gguf", outtypes=["f32"]).out
+    card = (gguf / "README.md").read_text(encoding="utf-8")
+    hf = api.to_hf(ckpt, tmp_path / "hf").out
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    reference = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(ids).logits
+    snippets = [b for b in _python_blocks(card) if "gguf_file=" in b]
+    monkeypatch.chdir(tmp_path)  # the card names the bundle by its folder name
+    transformers.logging.set_verbosity_error()
+    if snippets:
+        scope: dict = {}
+        exec(snippets[0], scope)
+        logits = scope["model"].to(torch.float32)(ids).logits
+        assert torch.allclose(logits, reference, atol=1e-4), variant
+    else:
+        assert "transformers cannot load this text GGUF: its GGUF loader does not read" in card
+        gguf_file = next(p.name for p in gguf.iterdir() if p.name.endswith("-F32.gguf"))
+        with pytest.raises(Exception, match="mismatch|size"):
+            AutoModelForCausalLM.from_pretrained("gguf", gguf_file=gguf_file)
+    expected = variant in ("head_dim 128", "moe, expert ffn 768")
+    assert bool(snippets) == expected, card
+
+
+def test_publishing_doc_lists_the_front_matter_each_card_has(example_ckpt, tmp_path):
+    """docs/publishing.md's table of library_name, base_model_relation and tags per bundle kind
+    is what the cards carry."""
+    import re
+    from pathlib import Path
+
+    from mmconvert import api
+
+    doc = (Path(__file__).parents[1] / "docs" / "publishing.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `to-(\w+)` \| `(\w+)` \| `(\w+)` \| (.+) \|$", doc, flags=re.M)
+    assert sorted(r[0] for r in rows) == ["gguf", "hf", "safetensors"]
+    writers = {"gguf": api.to_gguf, "hf": api.to_hf, "safetensors": api.to_safetensors}
+    for kind, library, relation, tags in rows:
+        out = writers[kind](example_ckpt, tmp_path / kind).out
+        meta = ModelCard((out / "README.md").read_text(encoding="utf-8")).data
+        assert (meta.library_name, meta.base_model_relation) == (library, relation), kind
+        assert list(meta.tags) == re.findall(r"`([\w-]+)`", tags), kind
+    assert "once wired" not in doc
+    for command in ("to-gguf", "to-hf", "to-safetensors"):
+        assert "--push-to" in CliRunner().invoke(main, [command, "--help"]).output

@@ -49,7 +49,7 @@ class Counter:
 def _data_bytes(folder: Path) -> int:
     """Tensor bytes in the weight files of a bundle, read back from the files themselves."""
     total = 0
-    for path in folder.iterdir():
+    for path in folder.rglob("*"):  # the HF bundle keeps its projector in a subfolder
         if path.suffix == ".gguf":
             from gguf import GGUFReader
 
@@ -63,8 +63,8 @@ def _data_bytes(folder: Path) -> int:
 
 
 def _weights(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.suffix in (".gguf", ".safetensors")}
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.suffix in (".gguf", ".safetensors")}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPORTS))
@@ -142,3 +142,38 @@ def test_bar_on_a_terminal_only(command, example_ckpt, tmp_path):
     assert not _has_bar(piped.stderr + piped.stdout)
     assert _weights(tmp_path / "tty") == _weights(tmp_path / "quiet") == _weights(
         tmp_path / "pipe")
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(example_ckpt, tmp_path_factory) -> Path:
+    return api.to_gguf(example_ckpt, tmp_path_factory.mktemp("verify") / "gguf",
+                       outtypes=["f32"]).out
+
+
+def test_verify_shows_a_bar_per_stage_on_a_terminal_only(example_ckpt, f32_gguf,
+                                                           tmp_path):
+    args = ["verify", str(example_ckpt), str(f32_gguf), "--backend", "gguf_torch",
+            "--greedy-tokens", "2"]
+    rc, text = _run_on_terminal(args)
+    assert rc == 0, text
+    stages = {line.split(":")[0].strip() for line in text.replace("\r", "\n").splitlines()
+              if "%|" in line}
+    assert any(s.startswith("reference") for s in stages), text  # the reference's pass
+    assert any("[gguf_torch]" in s for s in stages), text  # the target's pass over the cases
+    assert "case/s" in text or "s/case" in text, text
+    assert "reference: case " not in text  # the bar stands for the per-case lines
+    assert "PASS" in text.splitlines()[-1] or "pass" in text.lower(), text
+
+    # -q and a pipe: the reference's pass alone (no bundle) is enough to show a bar
+    only_reference = ["verify", str(example_ckpt), "--save-reference", str(tmp_path / "r1"),
+                      "--greedy-tokens", "2"]
+    rc, text = _run_on_terminal([*only_reference, "-q"])
+    assert rc == 0, text
+    assert not _has_bar(text) and text.strip() == "", text
+
+    only_reference[3] = str(tmp_path / "r2")
+    piped = subprocess.run([sys.executable, "-m", "mmconvert", *only_reference],
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert piped.returncode == 0, piped.stderr
+    assert not _has_bar(piped.stderr + piped.stdout), piped.stderr
+    assert "reference: case " in piped.stderr  # a log keeps its lines
