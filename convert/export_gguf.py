@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mmconvert.convert.gguf_metadata import size_label, text_metadata
@@ -23,12 +23,15 @@ from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan
 from mmconvert.convert.plan_gguf import (
     gguf_tensors,
+    imatrix_slots,
+    missing_kernels,
     parameter_count,
     plan_gguf,
     resolve_outtype,
     text_sources,
 )
 from mmconvert.convert.plan_mmproj import mmproj_metadata, plan_mmproj
+from mmconvert.errors import UnsupportedError
 from mmconvert.formats.bundle import (
     BundleDir,
     Input,
@@ -36,9 +39,12 @@ from mmconvert.formats.bundle import (
     model_inputs,
     write_manifest,
 )
+from mmconvert.formats.gguf_constants import MIXTURE_BASE
+from mmconvert.formats.gguf_mixtures import NO_OVERRIDES, Overrides
 from mmconvert.formats.gguf_vocab import build_vocab
 from mmconvert.formats.gguf_writer import GGUFFile, Metadata, layout_gguf, write_gguf
 from mmconvert.formats.hashing import SourceHashes
+from mmconvert.formats.imatrix import Imatrix, fit_imatrix
 from mmconvert.formats.streaming import ProgressFactory
 from mmconvert.publish.model_card import write_bundle_card
 
@@ -88,11 +94,21 @@ def text_stem(name: str, label: str, quant: str) -> str:
 def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
                  projector_outtype: str = "f16", name: str | None = None,
                  split_max_bytes: int | None = None, pre_tokenizer: str | None = None,
-                 fold_linear: bool = False) -> GGUFJob:
+                 fold_linear: bool = False, overrides: Overrides = NO_OVERRIDES,
+                 has_imatrix: bool = False, imatrix: Imatrix | None = None) -> GGUFJob:
     """Plan and lay out every file. Outtypes resolving to the same type are written once.
-    ``fold_linear``: fold adjacent linear projector layers (:mod:`convert.projector_export`)."""
+    ``fold_linear``: fold adjacent linear projector layers (:mod:`convert.projector_export`).
+    ``overrides`` / ``has_imatrix``: llama-quantize's options, for the K-quant mixtures.
+    ``imatrix``: importance weights for every quantized tensor, checked against the model
+    and used as llama-quantize uses them (:mod:`formats.imatrix`); implies ``has_imatrix``."""
     name = sanitize_name(name) if name else default_name(model)
+    if overrides and not any(resolve_outtype(model, t) in MIXTURE_BASE for t in outtypes):
+        raise UnsupportedError(f"{overrides.describe()}: these steer llama-quantize's K-quant "
+                               "mixtures; add an --outtype such as q4_k_m")
     sources = text_sources(model)  # shared: derived tensors are read once for all outtypes
+    if imatrix is not None:
+        has_imatrix = True
+        sources = imatrix_sources(sources)
     vocab = build_vocab(model, model.text.vocab_size, pre_tokenizer)
     vocab_keys = Metadata()  # built and encoded once, shared by every outtype's file
     vocab.add_to(vocab_keys)
@@ -107,16 +123,26 @@ def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
         if ggml in seen:
             continue
         seen.append(ggml)
-        plan = plan_gguf(model, outtype, sources)
+        plan = plan_gguf(model, outtype, sources, overrides, has_imatrix)
         label = label or size_label(parameter_count(plan))
+        weights = None
+        if imatrix is not None:
+            fit = fit_imatrix(imatrix, imatrix_slots(plan, ggml),
+                              [t.name for t in plan.tensors if len(t.shape) < 2])
+            weights = fit.weights
+            notes += [f"warning: {ggml}: {w}" for w in fit.warnings]
+            plan.notes.append(f"imatrix: {imatrix.path} ({len(fit.weights)} tensors weighted)")
         md = text_metadata(model, ggml, name, label, plan.notes)
+        if imatrix is not None:
+            add_imatrix_keys(md, imatrix)
         md.update(vocab_keys)
-        shards = layout_gguf(text_stem(name, label, ggml), md, gguf_tensors(plan),
+        shards = layout_gguf(text_stem(name, label, ggml), md, gguf_tensors(plan, weights),
                              split_max_bytes=split_max_bytes)
         plans.append(plan)
         files += shards
         outputs += [{"path": f.name, "role": "text", "quant": ggml, "outtype": outtype,
-                     "split": [i + 1, len(shards)]} for i, f in enumerate(shards)]
+                     "split": [i + 1, len(shards)], "types": _types(f)}
+                    for i, f in enumerate(shards)]
     if model.projectors:
         plan = plan_mmproj(model, projector_outtype, fold_linear)
         ggml = projector_outtype.upper()
@@ -125,8 +151,36 @@ def prepare_gguf(model: CanonicalModel, *, outtypes: Sequence[str] = ("auto",),
         plans.append(plan)
         files.append(mm)
         outputs.append({"path": mm.name, "role": "projector", "quant": ggml,
-                        "outtype": projector_outtype, "split": [1, 1]})
+                        "outtype": projector_outtype, "split": [1, 1], "types": _types(mm)})
     return GGUFJob(name, label, plans, files, outputs, vocab.pre, notes)
+
+
+def imatrix_sources(sources: list) -> list:
+    """3-D (expert) sources read whole: each expert's rows take their own slice of the
+    importance weights, so the encoder must see every expert (gguf_tensors' encoders)."""
+    return [(n, replace(r, row_streamable=False) if len(r.shape) == 3 else r)
+            for n, r in sources]
+
+
+def add_imatrix_keys(md: Metadata, imatrix: Imatrix) -> None:
+    """The ``quantize.imatrix.*`` keys llama-quantize writes (strings cut at 127 bytes)."""
+    md.string("quantize.imatrix.file", Path(imatrix.path or "").name[:127])
+    if imatrix.datasets:
+        md.string("quantize.imatrix.dataset", imatrix.datasets[0][:127])
+    md.uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+    if imatrix.chunk_count > 0:
+        md.uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+
+
+def _types(f: GGUFFile) -> dict[str, str]:
+    """The manifest's record of one file: tensor name -> GGML type."""
+    return {t.name: t.ggml_type for t, _ in f.tensors}
+
+
+def job_outtypes(job: GGUFJob, types: list[str]) -> list[str]:
+    """The outtypes of ``job`` whose files hold a tensor of one of ``types``."""
+    return list(dict.fromkeys(e["outtype"] for e in job.outputs
+                              if set(e["types"].values()) & set(types)))
 
 
 def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = ("auto",),
@@ -135,7 +189,8 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
                 force: bool = False, progress: ProgressFactory | None = None,
                 log: Log | None = None,
                 checksums: bool = True, fold_linear: bool = False,
-                inputs: Iterable[Input] = ()) -> list[str]:
+                inputs: Iterable[Input] = (), overrides: Overrides = NO_OVERRIDES,
+                has_imatrix: bool = False, imatrix: Imatrix | None = None) -> list[str]:
     """Write the GGUF bundle into ``out``; return the file names written.
 
     ``inputs``: what the user named besides the model (:func:`formats.bundle.named_inputs`);
@@ -150,8 +205,13 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     """
     job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
                        split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer,
-                       fold_linear=fold_linear)
-    sources = SourceHashes(manifest_sources(model)) if checksums else None
+                       fold_linear=fold_linear, overrides=overrides, has_imatrix=has_imatrix,
+                       imatrix=imatrix)
+    missing = missing_kernels(job.plans)
+    if missing:  # before OUT is touched: a refusal writes nothing
+        raise UnsupportedError(f"--outtype {', '.join(job_outtypes(job, missing))} needs the "
+                               f"{', '.join(missing)} kernel(s), which this mmconvert lacks")
+    sources = SourceHashes(manifest_sources(model), model.tensors.refs()) if checksums else None
     digests: dict[str, str] | None = {} if checksums else None
     with BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
         for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
@@ -167,7 +227,9 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
             options={"outtypes": list(outtypes), "projector_outtype": projector_outtype,
                      "name": job.name, "split_max_bytes": split_max_bytes,
                      "pre_tokenizer": pre_tokenizer, "checksums": checksums,
-                     "fold_linear": fold_linear},
+                     "fold_linear": fold_linear,
+                     **({"quantize_overrides": overrides.to_json()} if overrides else {}),
+                     **({"imatrix": imatrix.path} if imatrix is not None else {})},
             transforms=transforms, checksums=checksums,
             source_hashes=sources.result() if sources else None, output_hashes=digests,
             extra={"name": job.name, "size_label": job.size_label, "files": job.outputs,

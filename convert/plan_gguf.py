@@ -13,7 +13,11 @@ Types (``--outtype``)
   F16 (:func:`mmconvert.formats.quants.fallback_type`).
 * For the 4/5-bit types the output projection (``output``, or ``token_embd`` when it is tied and
   serves as the output) stays Q8_0: logits are the most quantization-sensitive matrix, and
-  llama.cpp's own quantizer also keeps it at a higher precision (Q6_K, a type we do not write).
+  llama.cpp's own quantizer also keeps it at a higher precision.
+* The K-quant mixtures (``q2_k`` ... ``q6_k``, ``iq4_nl``, ``iq4_xs``) give each tensor the type
+  llama-quantize gives it for that file type, overrides included
+  (:mod:`mmconvert.formats.gguf_mixtures`); what it never quantizes (1-D, norms, the MoE
+  router) is F32, as in the F32/F16 GGUF llama-quantize reads.
 
 Rope: llama.cpp runs Qwen3 with NEOX (rotate-half) rope, as HF does, so Q/K are copied as they
 are; a source declared ``interleaved`` gets its Q/K rows (and biases, and the q/k norms)
@@ -23,23 +27,34 @@ permuted per head to NEOX (:mod:`mmconvert.convert.rope`).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+
+import numpy as np
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.convert.plan import Plan, PlannedTensor
+from mmconvert.convert.plan_summary import type_summary
 from mmconvert.convert.rope import neox_fixups
 from mmconvert.convert.tensors import TensorRef
 from mmconvert.errors import UnsupportedError
-from mmconvert.formats import quants
+from mmconvert.formats import gguf_mixtures, quants
 from mmconvert.formats.gguf_constants import (
+    GGML_QUANT_SIZES,
+    MIXTURE_BASE,
     OUTTYPES,
     PRECISION_ORDER,
     TEXT_ARCH,
     TEXT_MOE_ARCH,
+    GGMLQuantizationType,
 )
+from mmconvert.formats.gguf_mixtures import NO_OVERRIDES, Overrides
 from mmconvert.formats.gguf_writer import GGUFTensor
+from mmconvert.formats.imatrix import WeightSlot, requires_imatrix
 
-# types under 8 bits per weight keep the logit projection at Q8_0 (llama.cpp's converter too)
-LOW_BIT = tuple(t for t in PRECISION_ORDER if quants.TYPES[t].bits_per_weight < 8)
+# the types written whole (not a mixture) under 8 bits per weight keep the logit projection at
+# Q8_0 (llama.cpp's converter too)
+LOW_BIT = tuple(t for t in PRECISION_ORDER if t.lower() in OUTTYPES and t in quants.TYPES
+                and quants.TYPES[t].bits_per_weight < 8)
 
 # canonical name under model.layers.{i}. -> name under blk.{i}., in llama.cpp's reading order
 _LAYER_NAMES = {
@@ -138,11 +153,34 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str, tied: bool) -> 
     return quants.tensor_type(name, shape, wanted)
 
 
+def model_facts(model: CanonicalModel) -> gguf_mixtures.ModelFacts:
+    """What llama-quantize's rules read about the model (its GGUF's hyper-parameters)."""
+    t = model.text
+    return gguf_mixtures.ModelFacts(t.num_hidden_layers, t.num_attention_heads,
+                                    t.num_key_value_heads, t.num_experts if t.is_moe else 0)
+
+
+def mixture_types(model: CanonicalModel, mixture: str, sources: list[tuple[str, TensorRef]],
+                  overrides: Overrides = NO_OVERRIDES, has_imatrix: bool = False
+                  ) -> dict[str, gguf_mixtures.Choice]:
+    """GGUF name -> llama-quantize's choice for file type ``mixture`` (``Q4_K_M``)."""
+    try:
+        return gguf_mixtures.choose_types(mixture, [(n, r.shape) for n, r in sources],
+                                          model_facts(model), overrides, has_imatrix)
+    except ValueError as exc:
+        raise UnsupportedError(f"--outtype {mixture.lower()}: {exc}") from None
+
+
 def plan_gguf(model: CanonicalModel, outtype: str = "auto",
-              sources: list[tuple[str, TensorRef]] | None = None) -> Plan:
-    """The text GGUF's tensors for ``outtype`` (a ``--outtype`` value)."""
+              sources: list[tuple[str, TensorRef]] | None = None,
+              overrides: Overrides = NO_OVERRIDES, has_imatrix: bool = False) -> Plan:
+    """The text GGUF's tensors for ``outtype`` (a ``--outtype`` value). ``overrides`` and
+    ``has_imatrix`` steer the K-quant mixtures as llama-quantize's options do; the other
+    outtypes ignore them."""
     ggml = resolve_outtype(model, outtype)
     sources = sources if sources is not None else text_sources(model)
+    if ggml in MIXTURE_BASE:
+        return _plan_mixture(model, outtype, ggml, sources, overrides, has_imatrix)
     tensors = [PlannedTensor(name, ref, tensor_type(name, ref.shape, ggml, model.tied), ref.shape)
                for name, ref in sources]
     notes = [f"arch: {architecture(model)}", f"outtype: {outtype} -> {ggml}",
@@ -159,20 +197,111 @@ def plan_gguf(model: CanonicalModel, outtype: str = "auto",
         notes.append("rope: NEOX source, Q/K copied unpermuted")
     odd = [t.name for t in tensors if t.dtype == "F16" and ggml not in ("F16", "F32", "BF16")]
     if odd:
-        notes.append(f"rows not a multiple of 32, stored as F16: {', '.join(odd[:3])}"
-                     + (f" (+{len(odd) - 3} more)" if len(odd) > 3 else ""))
+        notes.append(f"rows not a multiple of 32, stored as F16: {_some(odd)}")
     return Plan("gguf", tensors, notes)
 
 
-def gguf_tensors(plan: Plan) -> list[GGUFTensor]:
-    """The writer's view of a plan: encoders and encoded sizes from :mod:`formats.quants`."""
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def _plan_mixture(model: CanonicalModel, outtype: str, mixture: str,
+                  sources: list[tuple[str, TensorRef]], overrides: Overrides,
+                  has_imatrix: bool) -> Plan:
+    choices = mixture_types(model, mixture, sources, overrides, has_imatrix)
+    tensors = [PlannedTensor(name, ref, choices[name].ggml_type or "F32", ref.shape)
+               for name, ref in sources]
+    notes = [f"arch: {architecture(model)}",
+             f"outtype: {outtype} -> {mixture}: llama-quantize's mixture, base "
+             f"{MIXTURE_BASE[mixture]} (rules: docs/quantization.md, K-quant mixtures)",
+             "not quantized by llama-quantize (1-D tensors, norms, MoE router): F32",
+             "types: " + ", ".join(f"{k} x{v}" for k, v in _type_counts(tensors).items())]
+    if overrides:
+        notes.append(f"overrides: {overrides.describe()}")
+    if model.tied:
+        notes.append("tied embeddings: no output tensor; token_embd takes the output's rules")
+    fell = [n for n, c in choices.items() if "not a multiple" in c.reason]
+    if fell:
+        notes.append(f"rows not a multiple of the block, fallback type: {_some(fell)}")
+    if model.text.rope_layout == "interleaved":
+        notes.append("rope: source is interleaved; Q/K permuted per head to llama.cpp's NEOX")
+    plan = Plan("gguf", tensors, notes)
+    notes.insert(4, f"tensors: {type_summary(plan)}")
+    return plan
+
+
+def _type_counts(tensors: list[PlannedTensor]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t.dtype] = counts.get(t.dtype, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def missing_kernels(plans: list[Plan]) -> list[str]:
+    """The planned GGML types this mmconvert has no encoder for (in first-use order)."""
+    return list(dict.fromkeys(t.dtype for p in plans for t in p.tensors
+                              if t.dtype not in quants.TYPES))
+
+
+def _encoded_nbytes(shape: tuple[int, ...], ggml_type: str) -> int:
+    """Bytes of a tensor, from gguf-py's block sizes (also for a type without a kernel yet)."""
+    if ggml_type in quants.TYPES:
+        return quants.encoded_nbytes(shape, ggml_type)
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    count = 1
+    for n in shape:
+        count *= n
+    return count // block * size
+
+
+def _no_kernel(ggml_type: str):
+    def encode(rows):
+        raise UnsupportedError(f"no {ggml_type} kernel in this mmconvert: cannot write "
+                               f"{ggml_type} tensors")
+    return encode
+
+
+def gguf_tensors(plan: Plan, imatrix: Mapping[str, np.ndarray] | None = None
+                 ) -> list[GGUFTensor]:
+    """The writer's view of a plan: encoders and encoded sizes from :mod:`formats.quants`.
+    ``imatrix``: GGUF name -> llama-quantize's weight vector (:mod:`formats.imatrix`)."""
     for t in plan.tensors:
         if t.source.dtype not in quants.SOURCE_DTYPES:
             raise UnsupportedError(f"{t.source.source_name}: {t.source.dtype} tensors cannot be "
                                    f"written to GGUF (supported: {', '.join(quants.SOURCE_DTYPES)})")
-    return [GGUFTensor(t.name, t.shape, t.dtype, quants.encoded_nbytes(t.shape, t.dtype),
-                       t.source, quants.encoder_for(t.source.dtype, t.dtype))
+    return [GGUFTensor(t.name, t.shape, t.dtype, _encoded_nbytes(t.shape, t.dtype), t.source,
+                       _encoder(t, (imatrix or {}).get(t.name)) if t.dtype in quants.TYPES
+                       else _no_kernel(t.dtype))
             for t in plan.tensors]
+
+
+def _encoder(t: PlannedTensor, weights: np.ndarray | None):
+    if weights is None or len(t.shape) != 3:
+        return quants.encoder_for(t.source.dtype, t.dtype, imatrix=weights)
+    # 3-D experts: llama-quantize passes expert e's rows ``imatrix + e * n_per_row``. The
+    # encoder needs to know which experts a slice holds, so these sources are read whole
+    # (export_gguf.imatrix_sources) and every call gets all experts.
+    n_expert, n = t.shape[0], t.shape[-1]
+    per_expert = [quants.encoder_for(t.source.dtype, t.dtype, imatrix=weights[e * n:(e + 1) * n])
+                  for e in range(n_expert)]
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        if rows.shape[0] != n_expert:
+            raise AssertionError(f"{t.name}: an imatrix expert tensor must be encoded whole "
+                                 f"({rows.shape[0]} of {n_expert} experts given)")
+        return np.stack([enc(rows[e]) for e, enc in enumerate(per_expert)])
+
+    return encode
+
+
+def imatrix_slots(plan: Plan, file_type: str | None = None) -> list[WeightSlot]:
+    """The plan's tensors an imatrix may feed (two or more dimensions), with whether their
+    type uses importance weights and whether llama-quantize requires them (``file_type``:
+    the mixture, e.g. ``Q2_K_S``)."""
+    return [WeightSlot(t.name, t.shape, t.dtype,
+                       t.dtype in quants.TYPES and quants.TYPES[t.dtype].uses_imatrix,
+                       requires_imatrix(t.name, t.dtype, file_type))
+            for t in plan.tensors if len(t.shape) >= 2]
 
 
 def parameter_count(plan: Plan) -> int:

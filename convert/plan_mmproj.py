@@ -3,9 +3,14 @@
 must know about).
 
 A file is stamped with the lowest spec version that describes it: version 1 (``linear``,
-``layer_norm``, ``act``) for the seed's MLPs, so readers written for version 1 keep working;
-version 2 when a projector has a gated (``glu``) layer or a ``scale`` (a tanh gate, stored
-already applied).
+``layer_norm``, ``act``; F32, F16 and Q8_0 weights) for the seed's MLPs, so readers written for
+version 1 keep working; version 2 when a projector has a gated (``glu``) layer or a ``scale``
+(a tanh gate, stored already applied); version 3 when a weight matrix is a K-quant (or one of
+their 32-block fallbacks, Q5_0 / Q5_1).
+
+Weight matrices take ``--projector-outtype``; a row that is not whole blocks of it falls back
+as llama-quantize's ``tensor_type_fallback`` does (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+then F16 when the row is not whole 32-blocks either; Q8_0 -> F16).
 """
 
 from __future__ import annotations
@@ -23,19 +28,45 @@ from mmconvert.formats.gguf_constants import (
     PROJECTOR_LAYER_KINDS,
     PROJECTOR_OUTTYPES,
     PROJECTOR_TYPE,
+    PROJECTOR_WEIGHT_TYPES,
     QUANTIZATION_VERSION,
     Keys,
     file_type,
 )
+from mmconvert.formats.gguf_mixtures import fallback
 from mmconvert.formats.gguf_writer import Metadata, ValueType
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]+")
+# general.file_type of a projector whose weights are a K type: llama.cpp has no "mostly Q4_K"
+# file type; its _S mixture is the one whose tensors are all the base type but a few
+_K_FILE_TYPES = {"Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S"}
 
 
-def spec_version(specs: dict[str, ProjectorSpec]) -> int:
-    """The lowest spec version that describes these (exported) projectors."""
-    return max((PROJECTOR_LAYER_KINDS[x.kind] for s in specs.values() for x in s.layers),
-               default=1)
+def weight_type(ggml: str, name: str, shape: tuple[int, ...]) -> str:
+    """The GGML type the projector file stores a tensor in: F32 for 1-D tensors, biases and
+    norms; else ``ggml`` (upper case) or its llama-quantize fallback for the row length."""
+    if quants.tensor_type(name, shape, "F16") == "F32":
+        return "F32"
+    return fallback(ggml, shape[-1])[0]
+
+
+def _matrix_types(specs: dict[str, ProjectorSpec], ggml: str) -> set[str]:
+    """The types of every weight matrix of these projectors (linear, glu), by their rows."""
+    return {fallback(ggml, x.in_dim)[0] for s in specs.values() for x in s.layers
+            if LAYER_KINDS[x.kind].resizes}
+
+
+def spec_version(specs: dict[str, ProjectorSpec], ggml: str = "F32") -> int:
+    """The lowest spec version that describes these (exported) projectors with their weight
+    matrices in ``ggml``."""
+    kinds = [PROJECTOR_LAYER_KINDS[x.kind] for s in specs.values() for x in s.layers]
+    types = [PROJECTOR_WEIGHT_TYPES[t] for t in _matrix_types(specs, ggml)]
+    return max(kinds + types, default=1)
+
+
+def projector_file_type(ggml: str) -> int:
+    """``general.file_type`` of a projector file whose weights are ``ggml``."""
+    return int(file_type(_K_FILE_TYPES.get(ggml, ggml)))
 
 
 def plan_mmproj(model: CanonicalModel, outtype: str = "f16", fold_linear: bool = False) -> Plan:
@@ -50,13 +81,18 @@ def plan_mmproj(model: CanonicalModel, outtype: str = "f16", fold_linear: bool =
             raise UnsupportedError(f"modality name {modality!r}: the projector GGUF needs names "
                                    "of letters, digits, '_' and '-'")
     specs, refs = export_projectors(model, apply_gates=True, fold_linear=fold_linear)
-    # weight matrices take the outtype (F16 when a Q8_0 row is not whole blocks); biases,
+    # weight matrices take the outtype (or its fallback for the row length); biases,
     # layer-norm parameters and scales (1-D) stay F32
-    tensors = [PlannedTensor(ref.name, ref, quants.tensor_type(ref.name, ref.shape, ggml),
-                             ref.shape) for ref in refs]
-    notes = [f"arch: {PROJECTOR_ARCH} spec version {spec_version(specs)} (docs/gguf-projector.md)",
+    tensors = [PlannedTensor(ref.name, ref, weight_type(ggml, ref.name, ref.shape), ref.shape)
+               for ref in refs]
+    notes = [f"arch: {PROJECTOR_ARCH} spec version {spec_version(specs, ggml)} "
+             "(docs/gguf-projector.md)",
              f"projector outtype: {ggml}",
              f"modalities in fusion order: {', '.join(model.projectors)}"]
+    fell = [f"{t.name} ({fallback(ggml, t.shape[-1])[1].removeprefix('; ')})" for t in tensors
+            if t.dtype not in ("F32", ggml)]
+    if fell:
+        notes.append(f"fallbacks: {'; '.join(fell)}")
     gates = [f"{m}.{x.name}" for m, s in specs.items() for x in s.layers if x.gate]
     if gates:
         notes.append(f"tanh gates stored applied (scale = tanh(g) or 1 - tanh(g)): "
@@ -79,9 +115,9 @@ def mmproj_metadata(model: CanonicalModel, ggml: str, name: str,
     md.string(Keys.General.ARCHITECTURE, PROJECTOR_ARCH)
     md.string(Keys.General.TYPE, PROJECTOR_TYPE)
     md.string(Keys.General.NAME, name)
-    md.uint32(Keys.General.FILE_TYPE, int(file_type(ggml)))
+    md.uint32(Keys.General.FILE_TYPE, projector_file_type(ggml))
     md.uint32(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
-    md.uint32(k.SPEC_VERSION, spec_version(specs))
+    md.uint32(k.SPEC_VERSION, spec_version(specs, ggml))
     md.uint32(k.EMBEDDING_LENGTH, model.text.hidden_size)
     md.array(k.MODALITIES, ValueType.STRING, list(specs))
     md.string(k.FUSION, FUSION_RULE)

@@ -39,13 +39,26 @@ if TYPE_CHECKING:
     )
 
 # The GGML types mmconvert writes, most precise first: F16 keeps more mantissa than BF16,
-# block types go by bits per weight. ``run`` picks the first a bundle has; ``verify`` holds a
-# target to the thresholds of its least precise file. Each has a class in formats/quants.py.
-PRECISION_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
-# ``to-gguf --outtype`` values (``auto``: BF16, or F16 for an F16 source)
-OUTTYPES = (*(t.lower() for t in PRECISION_ORDER), "auto")
-# ``--projector-outtype`` values (the projector GGUF spec allows these three)
-PROJECTOR_OUTTYPES = ("f32", "f16", "q8_0")
+# block types go by bits per weight (a K-quant before a legacy type of the same size: its
+# scales are searched). ``run`` picks the first a bundle has; ``verify`` holds a target to the
+# thresholds of its least precise file. Each has a class in formats/quants.py.
+PRECISION_ORDER = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K",
+                   "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K", "Q2_K")
+# llama-quantize's K-quant mixtures mmconvert writes (formats/gguf_mixtures.py has their
+# per-tensor rules): file type (LLAMA_FTYPE_MOSTLY_<name>) -> its base type
+# (llama_ftype_get_default_type), the least precise type in the file
+MIXTURE_BASE = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+                "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K",
+                "Q6_K": "Q6_K", "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS"}
+# ``to-gguf --outtype`` values (``auto``: BF16, or F16 for an F16 source): the types written
+# whole, then the mixtures (a 256-block type is only written as part of one, as llama-quantize
+# does: its ``q6_k`` is the mixture with a Q6_K output)
+OUTTYPES = (*(t.lower() for t in PRECISION_ORDER if t not in MIXTURE_BASE.values()),
+            *(m.lower() for m in MIXTURE_BASE), "auto")
+# ``--projector-outtype`` values (docs/gguf-projector.md): the exact types, Q8_0 and the
+# K-quants worth a projector (Q4_K and up: the projector is a sliver of the bundle, and its
+# error reaches every projected row); PROJECTOR_WEIGHT_TYPES lists what a reader must decode
+PROJECTOR_OUTTYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k", "q4_k")
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION
 # the llama.cpp architectures of mmconvert's text GGUFs (gguf-py's MODEL_ARCH_NAMES spelling)
 TEXT_ARCH, TEXT_MOE_ARCH = "qwen3", "qwen3moe"
@@ -65,7 +78,13 @@ FUSION_RULE = "replace-placeholders-else-prepend"
 # layer kind as the file stores it -> the spec version that introduced it; a file is stamped
 # with the lowest version that describes it (docs/gguf-projector.md, "Versioning")
 PROJECTOR_LAYER_KINDS = {"linear": 1, "layer_norm": 1, "act": 1, "glu": 2, "scale": 2}
-PROJECTOR_SPEC_VERSION = max(PROJECTOR_LAYER_KINDS.values())  # the newest, written and read
+# GGML type of a projector weight matrix -> the spec version that introduced it: the
+# ``--projector-outtype`` types and the K-quants' 32-block fallbacks (Q4_K -> Q5_0, Q5_K -> Q5_1,
+# Q6_K -> Q8_0, as llama-quantize falls back); 1-D tensors are always F32
+PROJECTOR_WEIGHT_TYPES = {"F32": 1, "F16": 1, "Q8_0": 1, "Q6_K": 3, "Q5_K": 3, "Q4_K": 3,
+                          "Q5_1": 3, "Q5_0": 3}
+PROJECTOR_SPEC_VERSION = max(*PROJECTOR_LAYER_KINDS.values(),
+                             *PROJECTOR_WEIGHT_TYPES.values())  # the newest, written and read
 PROJECTOR_WIDENING_KINDS = ("linear", "glu")  # the kinds that may change the width
 PROJECTOR_ACTIVATED_KINDS = ("act", "glu")  # the kinds with an entry in layer.activations
 PROJECTOR_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "tanh", "silu")  # the spec's table
@@ -124,6 +143,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_FROM_GGUF_PY, "Keys"])
+
+
+def base_type(quant: str) -> str:
+    """The least precise type of a file: a mixture's base type (``Q4_K_M`` -> ``Q4_K``), else
+    ``quant`` itself."""
+    return MIXTURE_BASE.get(quant.upper(), quant.upper())
+
+
+def precision_rank(quant: str) -> int:
+    """Where a file of ``quant`` (a type or a mixture) goes in :data:`PRECISION_ORDER`, by its
+    least precise type (0 is the most precise); ``len(PRECISION_ORDER)`` when unknown."""
+    base = base_type(quant)
+    return PRECISION_ORDER.index(base) if base in PRECISION_ORDER else len(PRECISION_ORDER)
 
 
 def file_type(ggml_type: str) -> LlamaFileType:

@@ -5,8 +5,8 @@ The one parser of a projector file's keys, used by the projector runtime
 compares the declared layers with the checkpoint's) and by the bundle summary. It is strict:
 whatever the spec requires must be there with the spec's type, and every layer must fit the
 previous one, so a file that passes can be run by any reader written from the document.
-Only tensor infos are read (a ``scale`` is per channel when its tensor has several values),
-never tensor data.
+Only tensor infos are read (a ``scale`` is per channel when its tensor has several values;
+every ``mm.*`` tensor's type must be one the file's spec version allows), never tensor data.
 
     >>> spec = read_projector_spec(GGUFReader("mmproj-model-F16.gguf"))
     >>> [(m.name, m.input_dim, [x.kind for x in m.layers]) for m in spec.modalities.values()]
@@ -23,6 +23,7 @@ from mmconvert.formats.gguf_constants import (
     PROJECTOR_ACTIVATED_KINDS,
     PROJECTOR_ACTIVATIONS,
     PROJECTOR_LAYER_KINDS,
+    PROJECTOR_WEIGHT_TYPES,
     PROJECTOR_WIDENING_KINDS,
     Keys,
 )
@@ -112,11 +113,27 @@ def read_projector_spec(reader: GGUFReader) -> ProjectorFileSpec:
         raise f.fail(f"{K.MODALITIES} must list distinct modality names, got {names}")
     token_id = f.get(K.PLACEHOLDER_TOKEN_ID, "INT32")
     modalities = {m: _modality(f, m, hidden) for m in names}
+    _check_tensor_types(f, int(version))
     return ProjectorFileSpec(
         name=f.get(Keys.General.NAME, "STRING", default=""), spec_version=int(version),
         embedding_length=int(hidden), modalities=modalities,
         placeholder_token=f.get(K.PLACEHOLDER_TOKEN, "STRING"),
         placeholder_id=None if token_id < 0 else int(token_id))
+
+
+def _check_tensor_types(f: _Keys, version: int) -> None:
+    """Every projector tensor in a type the spec lists, and one the file's version allows (a
+    version-2 reader cannot decode a Q4_K weight, so such a file must say version 3)."""
+    for name, info in f.reader.tensors.items():
+        if not name.startswith("mm."):
+            continue
+        since = PROJECTOR_WEIGHT_TYPES.get(info.type_name)
+        if since is None:
+            raise f.fail(f"tensor {name} is {info.type_name}; the spec allows "
+                         f"{', '.join(PROJECTOR_WEIGHT_TYPES)}")
+        if since > version:
+            raise f.fail(f"tensor {name} is {info.type_name}, which needs spec_version "
+                         f"{since}; the file says {version}")
 
 
 def _modality(f: _Keys, m: str, hidden: int) -> ModalitySpec:

@@ -109,9 +109,9 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from mmconvert.commands import core, gguf, hf, push, run, verify
+    from mmconvert.commands import core, gguf, hf, imatrix, push, run, verify
 
-    for module in (core, hf, gguf, verify, push, run):
+    for module in (core, hf, gguf, verify, push, run, imatrix):
         for command in module.COMMANDS:
             main.add_command(command)
 

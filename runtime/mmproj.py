@@ -5,7 +5,10 @@ each layer), not from the writer in :mod:`mmconvert.convert.plan_mmproj`: if the
 the tests comparing this module with the torch reference fail, so the document is shown to be
 enough for another runtime. :mod:`mmconvert.formats.gguf_reader` parses the container and
 :mod:`mmconvert.formats.gguf_projector` checks the keys (the one parser of the spec, shared with
-verify and the bundle summary); weights are decoded here as the spec describes them.
+verify and the bundle summary); F32, F16 and Q8_0 weights are decoded here as the spec
+describes them. The K-quants (and their Q5_0/Q5_1 fallbacks), which the spec defines as ggml's
+layouts and ggml's ``dequantize_row_*``, go through :func:`mmconvert.formats.quants.dequantize`,
+whose values tests compare with libggml's own (tests/test_mmproj.py).
 
 Everything computes in float32, as the spec says; only GELU's error function is evaluated in
 float64 (numpy has none; :func:`math.erfc` is accurate to double precision).
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from mmconvert.errors import ProjectorFileError, ProjectorInputError
+from mmconvert.formats import quants
+from mmconvert.formats.gguf_constants import PROJECTOR_WEIGHT_TYPES
 from mmconvert.formats.gguf_projector import LayerSpec, ModalitySpec, read_projector_spec
 from mmconvert.formats.gguf_reader import GGUFReader
 
@@ -76,10 +81,17 @@ def decode_weights(type_name: str, raw: np.ndarray, shape: tuple[int, ...]) -> n
             raise ValueError(f"Q8_0 rows of {shape[-1]} values are not whole blocks of 32")
         blocks = raw.reshape(-1, 2 + _Q8_0_BLOCK)
         scale = blocks[:, :2].copy().view("<f2").astype(np.float32)
-        quants = blocks[:, 2:].view(np.int8).astype(np.float32)
-        values = (scale * quants).reshape(-1)
+        levels = blocks[:, 2:].view(np.int8).astype(np.float32)
+        values = (scale * levels).reshape(-1)
+    elif type_name in PROJECTOR_WEIGHT_TYPES:  # ggml's block layouts (K-quants, Q5_0, Q5_1)
+        block = quants.ggml_type_info(type_name)
+        if shape[-1] % block.block_size:
+            raise ValueError(f"{type_name} rows of {shape[-1]} values are not whole blocks of "
+                             f"{block.block_size}")
+        values = quants.dequantize(raw, type_name).reshape(-1)
     else:
-        raise ValueError(f"tensor type {type_name} (the spec allows F32, F16 and Q8_0)")
+        raise ValueError(f"tensor type {type_name} (the spec allows "
+                         f"{', '.join(PROJECTOR_WEIGHT_TYPES)})")
     if values.size != count:
         raise ValueError(f"{values.size} values for shape {list(shape)}")
     return values.reshape(shape).astype(np.float32, copy=False)

@@ -12,7 +12,7 @@ import numpy as np
 
 from mmconvert.errors import BundleError, RunInputError
 from mmconvert.formats.bundle import read_manifest
-from mmconvert.formats.gguf_constants import PRECISION_ORDER
+from mmconvert.formats.gguf_constants import precision_rank
 
 _ITEM_NAME = re.compile(r"^(?P<modality>[A-Za-z0-9_-]+)(?:\.(?P<index>\d+))?$")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -68,8 +68,9 @@ def choose_files(folder: Path, text_gguf: str | None = None) -> BundleFiles:
 
 
 def _rank(quant: str) -> int:
-    """Most precise first (:data:`PRECISION_ORDER`): the default text GGUF is the first."""
-    return PRECISION_ORDER.index(quant) if quant in PRECISION_ORDER else len(PRECISION_ORDER)
+    """Most precise first (:data:`PRECISION_ORDER`; a K-quant mixture by its base type): the
+    default text GGUF is the first."""
+    return precision_rank(quant)
 
 
 def load_embeddings(path: Path) -> dict[str, list[np.ndarray]]:

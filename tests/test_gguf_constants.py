@@ -33,11 +33,26 @@ def test_import_loads_neither_gguf_nor_numpy():
 
 def test_every_written_type_has_a_quant_class_and_a_file_type():
     assert set(gc.PRECISION_ORDER) == set(quants.TYPES)
-    for name in gc.PRECISION_ORDER:
-        assert gc.file_type_name(gc.file_type(name)) == name
+    for outtype in gc.OUTTYPES[:-1]:  # every file mmconvert writes has its file type
+        assert gc.file_type_name(gc.file_type(outtype.upper())) == outtype.upper()
     assert gc.file_type("F32") == 0 and gc.file_type("Q8_0") == 7 and gc.file_type("BF16") == 32
+    assert gc.file_type("Q4_K_M") == 15 and gc.file_type("IQ4_XS") == 30
     assert gc.file_type_name(10_000) is None
-    assert (*(t.lower() for t in gc.PRECISION_ORDER), "auto") == gc.OUTTYPES
+    # outtypes: the types written whole, the llama-quantize mixtures (whose 256-block base
+    # types are written only inside one), then auto
+    whole = [t.lower() for t in gc.PRECISION_ORDER if t not in gc.MIXTURE_BASE.values()]
+    assert (*whole, *(m.lower() for m in gc.MIXTURE_BASE), "auto") == gc.OUTTYPES
+    assert {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k", "iq4_xs"} <= set(gc.OUTTYPES)
+    assert len(set(gc.OUTTYPES)) == len(gc.OUTTYPES)
+
+
+def test_precision_rank_of_a_mixture_is_its_base_type():
+    assert gc.base_type("q4_k_m") == "Q4_K" and gc.base_type("Q8_0") == "Q8_0"
+    assert gc.precision_rank("F32") == 0
+    assert gc.precision_rank("Q8_0") < gc.precision_rank("Q4_0")
+    assert gc.precision_rank("Q4_K_M") == gc.precision_rank("Q4_K") == \
+        gc.precision_rank("q4_k_s")
+    assert gc.precision_rank("nonsense") == len(gc.PRECISION_ORDER)
 
 
 def test_precision_order_goes_by_bits_per_weight():
@@ -47,4 +62,4 @@ def test_precision_order_goes_by_bits_per_weight():
 
 def test_projector_gguf_kinds_are_canonical_kinds():
     assert set(gc.PROJECTOR_LAYER_KINDS) <= set(LAYER_KINDS)
-    assert gc.PROJECTOR_SPEC_VERSION == 2
+    assert gc.PROJECTOR_SPEC_VERSION == 3

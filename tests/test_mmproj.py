@@ -28,6 +28,7 @@ from mmconvert.runtime.mmproj import (
     decode_weights,
     read_projector_gguf,
 )
+from tests.ggml_c import libggml
 from tests.independent_reference import SeedModel
 
 ACTIVATIONS = ["relu", "gelu", "tanh", "silu"]
@@ -65,6 +66,19 @@ def test_weight_decoding_matches_gguf_py(type_name):
     raw = gguf.quants.quantize(values, qtype)
     want = gguf.quants.dequantize(raw, qtype)
     np.testing.assert_array_equal(decode_weights(type_name, raw, (6, 96)), want)
+
+
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q5_K", "Q4_K", "Q5_1", "Q5_0"])
+def test_k_quant_decoding_matches_libggml(type_name):
+    """The K-quants (and the 32-block types they fall back to) decode to exactly the values of
+    ggml's own dequantize_row_* on bytes ggml's own quantizer wrote."""
+    ggml = libggml()
+    values = np.random.default_rng(4).standard_normal((6, 512)).astype(np.float32)
+    raw = ggml.quantize(values, type_name)
+    want = ggml.dequantize(raw, type_name, 512)
+    np.testing.assert_array_equal(decode_weights(type_name, raw, (6, 512)), want)
+    with pytest.raises(ValueError, match="not whole blocks"):
+        decode_weights(type_name, raw, (64, 48))
 
 
 SEQ_INDEX = {True: {"fc1": 0, "norm1": 1, "fc2": 4, "norm2": 5}, False: {"fc1": 0, "fc2": 3}}
@@ -119,6 +133,91 @@ def test_numpy_projector_matches_the_reference(make_checkpoint, tmp_path, activa
     print(f"\nprojector {activation} {'ln' if layer_norm else 'no-ln'}: max|Δ| (f32), "
           "max|Δ|/max|ref| (f16, q8_0): "
           + ", ".join(figures))
+
+
+# rows of 256 (K blocks) and of 288 (32-blocks only) and 40 (neither): every fallback
+K_SHAPES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64,
+                modalities={"m1": {"input_dim": 256, "hidden_dim": 512}, "m2": {"input_dim": 288},
+                            "m3": {"input_dim": 40}})
+# outtype -> (general.file_type, the 32-block fallback, bound on max |Δ| / max |ref| of a
+# projection: measured 2.6e-2, 5.5e-2, 8.6e-2; Q8_0 measures ~5e-3, F16 ~3e-4)
+K_OUTTYPES = {"q6_k": (18, "Q8_0", 4e-2), "q5_k": (16, "Q5_1", 8e-2),
+              "q4_k": (14, "Q5_0", 1.5e-1)}
+
+
+@pytest.mark.parametrize("outtype", list(K_OUTTYPES))
+def test_k_quantized_projector_round_trips(make_checkpoint, tmp_path, outtype):
+    """A K-quantized projector: every weight matrix in the type (or llama-quantize's fallback
+    for its row length), spec version 3, the runtime's weights exactly ggml's dequantization,
+    its linear layers exactly dequantize-then-matmul, and projections within the type's error
+    of the source (figures printed with -s)."""
+    ckpt = make_checkpoint(dtype="float32", **K_SHAPES)
+    file_type, fallback, bound = K_OUTTYPES[outtype]
+    ggml_type = outtype.upper()
+    out = to_gguf(ckpt, tmp_path / "o", "--outtype", "f16", "--projector-outtype", outtype)
+    path = next(out.glob("mmproj-*.gguf"))
+    assert path.name.endswith(f"-{ggml_type}.gguf")
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    matrices = {n: t for n, t in types.items() if n.endswith(".weight") and ".norm" not in n}
+    assert matrices == {"mm.m1.fc1.weight": ggml_type, "mm.m1.fc2.weight": ggml_type,
+                        "mm.m2.fc1.weight": fallback, "mm.m2.fc2.weight": ggml_type,
+                        "mm.m3.fc1.weight": "F16", "mm.m3.fc2.weight": ggml_type}
+    assert {t for n, t in types.items() if n not in matrices} == {"F32"}  # biases, norms
+    assert reader.fields["general.file_type"].contents() == file_type
+    assert reader.fields["mmproj-embed.spec_version"].contents() == 3
+
+    ggml = libggml()
+    seed = SeedModel(ckpt)
+    projector = read_projector_gguf(path)
+    rng = np.random.default_rng(5)
+    figures = []
+    for m, p in projector.projectors.items():
+        for t in reader.tensors:  # the runtime's weights are ggml's own dequantization
+            layer, param = t.name.removeprefix(f"mm.{m}.").rsplit(".", 1)
+            if not t.name.startswith(f"mm.{m}.") or t.name not in matrices:
+                continue
+            want = ggml.dequantize(np.array(t.data), t.tensor_type.name, int(t.shape[0])) \
+                if types[t.name] != "F16" else np.array(t.data, np.float32)
+            got = next(x for x in p.layers if x.name == layer).weight
+            np.testing.assert_array_equal(got, want.reshape(got.shape), err_msg=t.name)
+        x = rng.standard_normal((5, p.input_dim)).astype(np.float32)
+        fc1 = p.layers[0]
+        np.testing.assert_array_equal(fc1(x), x @ fc1.weight.T + fc1.bias)
+        with torch.no_grad():
+            ref = seed.projectors[m](torch.from_numpy(x)).numpy()
+            same_weights = torch_with_file_weights(seed.projectors[m], path, m, True)(
+                torch.from_numpy(x)).numpy()
+        ours = p(x)
+        assert np.abs(ours - same_weights).max() <= 1e-5, m
+        error = float(np.abs(ours - ref).max()) / float(np.abs(ref).max())
+        figures.append(f"{m} {error:.1e}")
+        assert error <= bound, (m, error)
+    print(f"\nprojector {outtype}: max|Δ|/max|ref| " + ", ".join(figures))
+
+
+def test_k_quantized_projector_plan_says_its_fallbacks(make_checkpoint):
+    from mmconvert.convert.plan_mmproj import plan_mmproj
+    from mmconvert.convert.readers import read_checkpoint
+
+    model = read_checkpoint(make_checkpoint(dtype="float32", **K_SHAPES))
+    text = "\n".join(plan_mmproj(model, "q4_k").notes)
+    assert "spec version 3" in text
+    assert "mm.m2.fc1.weight (row of 288 is not a multiple of 256: Q4_K -> Q5_0)" in text
+    assert "mm.m3.fc1.weight (row of 40 is not a multiple of 256: Q4_K -> F16)" in text
+    # Q8_0 stays in the version that introduced it
+    assert "spec version 1" in "\n".join(plan_mmproj(model, "q8_0").notes)
+
+
+def test_k_quant_weights_need_spec_version_3(make_checkpoint, tmp_path):
+    out = to_gguf(make_checkpoint(dtype="float32", **K_SHAPES), tmp_path / "o", "--outtype",
+                  "f16", "--projector-outtype", "q6_k")
+    bad = tmp_path / "v2.gguf"
+    rewrite_gguf(next(out.glob("mmproj-*.gguf")), bad, kv={f"{A}.spec_version": 2})
+    with pytest.raises(ProjectorFileError,
+                       match="tensor mm.m1.fc1.weight is Q6_K, which needs spec_version 3; "
+                             "the file says 2"):
+        read_projector_gguf(bad)
 
 
 def test_items_are_projected_in_fusion_order(example_ckpt, tmp_path):
@@ -176,7 +275,7 @@ A = "mmproj-embed"
 
 @pytest.mark.parametrize("edit, message", [
     ({"kv": {"general.architecture": "clip"}}, "general.architecture is 'clip'"),
-    ({"kv": {f"{A}.spec_version": 3}}, "spec_version 3 is newer than this reader's 2"),
+    ({"kv": {f"{A}.spec_version": 4}}, "spec_version 4 is newer than this reader's 3"),
     ({"kv": {f"{A}.fusion": "cross-attention"}}, "fusion rule 'cross-attention' is unknown"),
     ({"kv": {f"{A}.m1.input_dim": "48"}}, f"key {A}.m1.input_dim is STRING, the spec says UINT32"),
     ({"drop_keys": [f"{A}.m2.layer.eps"]}, f"key {A}.m2.layer.eps is missing"),
@@ -207,3 +306,17 @@ def test_projector_file_not_gguf(tmp_path):
         read_projector_gguf(tmp_path / "x.gguf")
     with pytest.raises(ProjectorFileError, match="no such file"):
         read_projector_gguf(tmp_path / "missing.gguf")
+
+
+def test_spec_lists_every_weight_type_with_its_version():
+    """docs/gguf-projector.md's tensor-type table is the one PROJECTOR_WEIGHT_TYPES holds."""
+    from mmconvert.formats.gguf_constants import PROJECTOR_SPEC_VERSION, PROJECTOR_WEIGHT_TYPES
+
+    doc = (Path(__file__).parents[1] / "docs" / "gguf-projector.md").read_text()
+    section = doc.split("### Tensor types", 1)[1].split("\n\n", 3)[2]
+    listed = {}
+    for row in section.splitlines()[2:]:
+        names, since = row.split("|")[1:3]
+        listed.update({n.strip(): int(since) for n in names.split(",")})
+    assert listed == PROJECTOR_WEIGHT_TYPES
+    assert f"spec version {PROJECTOR_SPEC_VERSION})" in doc.splitlines()[0]

@@ -8,6 +8,7 @@ verify; ``test_reference_gives_the_same_verdicts`` proves that shortcut changes 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from mmconvert.convert.export_safetensors import export_safetensors
 from mmconvert.convert.readers import read_checkpoint
 from mmconvert.convert.transforms import interleaved_to_neox
 from mmconvert.runtime import llama_lib
+from mmconvert.verify.thresholds import PUBLISHED, THRESHOLDS, parse_override, thresholds_for
 from tests.hostile.harness import reseal_manifest
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +249,99 @@ def test_q8_0_block_scale_wrong(setup, tmp_path):
 
     code, out = _gguf(setup, tmp_path, quant="Q8_0", text_tensors=scale)
     assert_caught(code, out, "blk.0.ffn_down.weight", "wrong block scale", "row 3 col 32")
+
+
+# rows of 256: the K-quants' blocks, so a Q4_K_M mixture keeps its K types (no fallbacks)
+K_SHAPES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def k_setup(make_checkpoint, tmp_path_factory):
+    """A correct Q4_K_M bundle (written by to-gguf) of a 256-wide checkpoint and its reference."""
+    root = tmp_path_factory.mktemp("k-mutations")
+    ckpt = make_checkpoint(**K_SHAPES)
+    runner = CliRunner()
+    result = runner.invoke(main, ["to-gguf", str(ckpt), "-o", str(root / "gguf"), "-q",
+                                  "--outtype", "q4_k_m"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["verify", str(ckpt), "--save-reference",
+                                  str(root / "ref.safetensors"), "-q", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return {"root": root, "ckpt": ckpt}
+
+
+def test_k_quant_mixture_passes(k_setup, tmp_path):
+    """The correct mixture passes: every tensor checked by its own type (Q4_K, Q6_K, F32), its
+    loss shown beside llama.cpp's published Q4_K_M figures."""
+    report = tmp_path / "r.json"
+    code, out = verify(k_setup["ckpt"], k_setup["root"] / "gguf", k_setup["root"] /
+                       "ref.safetensors", "--backend", "gguf_torch", "--report-json", str(report))
+    assert code == 0, out
+    (target,) = json.loads(report.read_text())["targets"]
+    assert target["output_type"] == "Q4_K_M" and target["tensors"]["failing"] == []
+    assert "llama.cpp publishes mean_kld 3.13e-02, top1 91.90%, model Llama-3-8B" in out
+    types = set(json.loads((k_setup["root"] / "gguf" / "mmconvert.json").read_text())["files"][0]
+                ["types"].values())
+    assert {"Q4_K", "Q6_K"} <= types
+
+
+def test_k_thresholds_go_by_base_type():
+    """A mixture takes its base type's row; overrides name the base type or the mixture."""
+    assert thresholds_for("Q4_K_M") == thresholds_for("Q4_K_S") == THRESHOLDS["Q4_K"]
+    assert thresholds_for("Q3_K_L") == THRESHOLDS["Q3_K"]
+    assert thresholds_for("IQ4_XS") == THRESHOLDS["IQ4_XS"]
+    assert thresholds_for("Q4_K_M", [parse_override("Q4_K.mean_kld=1")]) == {"mean_kld": 1.0}
+    assert thresholds_for("Q4_K_S", [parse_override("Q4_K_M.mean_kld=1")]) == THRESHOLDS["Q4_K"]
+    # the loosest row is the fallback; every K row sits between Q8_0's and it
+    assert thresholds_for("Q1_X") == THRESHOLDS["Q2_K"]
+    order = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K"]
+    assert [THRESHOLDS[t]["mean_kld"] for t in order] == \
+        sorted(THRESHOLDS[t]["mean_kld"] for t in order)
+
+
+LLAMA_README = (Path("/work/llama-src/llama_cpp_python-0.3.36/vendor/llama.cpp/tools/"
+                     "perplexity/README.md"))
+
+
+@pytest.mark.skipif(not LLAMA_README.exists(), reason="the pinned llama.cpp source is not here")
+def test_published_figures_are_llama_cpps():
+    """Every PUBLISHED figure is a row of the pinned llama.cpp's perplexity README."""
+    lines = LLAMA_README.read_text().splitlines()
+    top1_row = next(line for line in lines if line.startswith("| Same top p"))
+    for name, figures in PUBLISHED.items():
+        spelled = re.sub(r"_([sml])$", lambda m: "_" + m.group(1).upper(),
+                         name.lower().replace("_k", "_K")).replace("iq4_nl", "iq4_NL") \
+            .replace("iq4_xs", "iq4_XS")
+        imatrix = figures.get("imatrix", "None")
+        (row,) = [line for line in lines
+                  if re.match(rf"\| {re.escape(spelled)}\s+\| {imatrix}\s", line)]
+        assert f"{figures['mean_kld']:.6f}" in row, name
+        if "top1" in figures:
+            assert f"{100 * figures['top1']:.3f} " in top1_row, name
+
+
+def test_k_quant_sub_block_scale_wrong(k_setup, tmp_path):
+    """One bit of one 6-bit sub-block scale of one Q4_K block: 32 values move, verify names
+    the tensor, the block and the values."""
+    def flip(name, data, qtype):
+        if name == "blk.0.ffn_down.weight":  # layer 1's is Q6_K (a "more bits" layer)
+            assert qtype == gguf.GGMLQuantizationType.Q4_K and data.shape[1] == 2 * 144
+            data = data.copy()
+            # row 3, second Q4_K block (144 bytes: d, dmin, 12 bytes of packed 6-bit scales
+            # and mins, 128 of levels); byte 4 + j holds sub-block j's scale in its low 6 bits
+            data[3, 144 + 4 + 1] ^= np.uint8(0x20)  # sub-block 1: values 288..319
+        return name, data
+
+    out, text, _ = gguf_copy(k_setup["root"] / "gguf", tmp_path / "bundle", "Q4_K_M")
+    rewrite_gguf(text, text, tensors=flip)
+    code, output = verify(k_setup["ckpt"], out, k_setup["root"] / "ref.safetensors",
+                          "--backend", "gguf_torch")
+    assert_caught(code, output, "blk.0.ffn_down.weight (model.layers.0.mlp.down_proj.weight) "
+                  "[Q4_K]", "of 131072 values off",
+                  "1 Q4_K block(s) of 256 differ from the source quantized again: row 3 col 256")
+    # only that sub-block's values (those whose level is not 0) moved
+    first, last = map(int, re.search(r"row 3 col 256 \(values (\d+)-(\d+)\)", output).groups())
+    assert 288 <= first <= last <= 319, output
 
 
 def test_placeholder_token_id_off_by_one(setup, tmp_path):

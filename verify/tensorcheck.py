@@ -5,10 +5,16 @@ undone, blocks dequantised), is compared with the source tensor it was made from
 
 - stored as F32 / F16 / BF16: it must equal the source value cast to that type, bit for bit
   (round-to-nearest-even, as numpy and torch cast);
-- stored as a GGML block quantization: every element must lie within that type's worst-case
-  rounding error of its block, ``bound = factor * R`` with ``R`` the block's max |x| (Q8_0,
-  Q4_0, Q5_0) or max - min (Q4_1, Q5_1); :data:`QUANT_BOUNDS` documents the factors. A wrong
-  block scale, a corrupted row or a stray tensor misses that bound by orders of magnitude.
+- stored as Q8_0, Q4_0, Q5_0, Q4_1 or Q5_1: every element must lie within that type's
+  worst-case rounding error of its block, ``bound = factor * R`` with ``R`` the block's max |x|
+  (Q8_0, Q4_0, Q5_0) or max - min (Q4_1, Q5_1); :data:`QUANT_BOUNDS` documents the factors. A
+  wrong block scale, a corrupted row or a stray tensor misses that bound by orders of magnitude;
+- stored as a K-quant or IQ4 type (:func:`requantized_type`): their scale searches trade error
+  between values and sub-blocks, so no closed-form bound holds. The source is quantized again
+  with mmconvert's kernels (byte-identical to libggml's, with the same importance weights when
+  given) and the bundle must dequantize to the very same values: any changed level, sub-block
+  scale or super-block scale shows. A mixture file is checked tensor by tensor, each by the
+  type it stores.
 
 The checks need no logits, so they also catch bugs too small to move a tiny model's output.
 """
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmconvert.formats import quants
 from mmconvert.formats.dtypes import bf16_to_f32, f32_to_bf16
 
 # GGML type -> (block size, factor, range kind). Factors from the quantizers (gguf-py and
@@ -37,6 +44,22 @@ QUANT_BOUNDS: dict[str, tuple[int, float, str]] = {
 }
 EXACT_TYPES = ("F32", "F16", "BF16", "F64")
 MAX_LISTED = 5
+# a recomputed source (derived) one float32 step off may move a K-quant's levels or scales:
+# each value may then be off by this many times the block's own largest quantization error
+DERIVED_SLACK = 1.5
+
+
+def requantized_type(dtype: str) -> int | None:
+    """The block size of a type checked by quantizing the source again (every quantized type
+    of formats.quants without a closed-form bound); None for the others."""
+    qt = quants.TYPES.get(dtype)
+    return qt.block_size if qt is not None and qt.quantized and dtype not in QUANT_BOUNDS \
+        else None
+
+
+def check_block(dtype: str) -> int | None:
+    """Values per block of a block type the check reports by block; None for exact types."""
+    return QUANT_BOUNDS[dtype][0] if dtype in QUANT_BOUNDS else requantized_type(dtype)
 
 
 @dataclass
@@ -55,6 +78,8 @@ class TensorDiff:
     bad_row_count: int = 0
     bad_blocks: list[tuple[int, int]] = field(default_factory=list)  # (row, first column)
     bad_block_count: int = 0
+    bad_spans: list[tuple[int, int]] = field(default_factory=list)  # per listed block: the
+    # first and last bad column (a K-quant's wrong sub-block scale moves one sub-block)
     hint: str = ""
     derivation: str = ""  # for a tensor stored computed from the source: the step
     covers: tuple[str, ...] = ()  # ... and the canonical tensors it stands for
@@ -80,6 +105,12 @@ class TensorDiff:
             if self.bad_block_count and self.dtype in QUANT_BOUNDS:
                 blocks = ", ".join(f"row {r} col {c}" for r, c in self.bad_blocks)
                 text += f"; {self.bad_block_count} block(s) out of bound: {blocks}"
+            elif self.bad_block_count and requantized_type(self.dtype):
+                blocks = ", ".join(f"row {r} col {c} (values {a}-{b})" for (r, c), (a, b)
+                                   in zip(self.bad_blocks, self.bad_spans))
+                text += (f"; {self.bad_block_count} {self.dtype} block(s) of "
+                         f"{requantized_type(self.dtype)} differ from the source quantized "
+                         f"again: {blocks}")
             elif self.bad_row_count:
                 text += (f"; {self.bad_row_count} row(s) differ, first "
                          f"{', '.join(map(str, self.bad_rows))}")
@@ -113,14 +144,47 @@ ROUNDING_STEP = {"F32": (2.0**-23, 2.0**-149), "F16": (2.0**-10, 2.0**-24),
                  "BF16": (2.0**-7, 2.0**-133), "F64": (2.0**-52, 0.0)}
 
 
+def requantize(source: np.ndarray, dtype: str,
+               imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``source`` (float32, rows on the last axis) quantized to ``dtype`` and dequantized:
+    the values a correct bundle stores. ``imatrix``: the importance weights the bundle was
+    quantized with, ``(n_per_row,)`` or one row per expert ``(n_expert, n_per_row)`` for a 3-D
+    expert tensor."""
+    rows = np.ascontiguousarray(source, dtype=np.float32)
+    if imatrix is not None and np.ndim(imatrix) == 2:  # llama-quantize: each expert its own
+        return np.stack([requantize(e, dtype, w) for e, w in zip(rows, imatrix)])
+    data = quants.quantize(rows.reshape(-1, rows.shape[-1]), dtype, imatrix)
+    return quants.dequantize(data, dtype).reshape(source.shape)
+
+
+def _requantized_mask(bundle: np.ndarray, source: np.ndarray, dtype: str, derived: bool,
+                      imatrix: np.ndarray | None) -> np.ndarray | None:
+    block = requantized_type(dtype)
+    cols = source.shape[-1] if source.ndim else 0
+    if not cols or cols % block:
+        return None
+    want = requantize(source, dtype, imatrix)
+    same = (bundle == want) | (np.isnan(bundle) & np.isnan(want))
+    if derived:
+        # per block, the error our own quantization makes, as the yardstick
+        s = source.reshape(-1, cols // block, block).astype(np.float64)
+        own = np.abs(want.reshape(s.shape) - s).max(axis=-1, keepdims=True)
+        off = np.abs(bundle.reshape(s.shape) - s)
+        same |= (off <= DERIVED_SLACK * own + 2.0**-24).reshape(source.shape)
+    return ~same
+
+
 def _bad_mask(bundle: np.ndarray, source: np.ndarray, dtype: str,
-              derived: bool = False) -> np.ndarray | None:
+              derived: bool = False, imatrix: np.ndarray | None = None) -> np.ndarray | None:
     """Elements outside the tolerance for ``dtype``; None when no bound is known.
 
     ``derived``: ``source`` was recomputed here (e.g. a fold's matrix product), and another
     machine's BLAS may sum in another order, so the stored value may sit one rounding step of
     ``dtype`` away from our correctly rounded one; anything further off is a bug.
+    ``imatrix``: for the types quantized again, the importance weights the bundle used.
     """
+    if requantized_type(dtype):
+        return _requantized_mask(bundle, source, dtype, derived, imatrix)
     if dtype in EXACT_TYPES:
         want = expected_exact(source, dtype)
         same = (bundle == want) | (np.isnan(bundle) & np.isnan(want))
@@ -149,9 +213,11 @@ def _bad_mask(bundle: np.ndarray, source: np.ndarray, dtype: str,
 
 
 def compare_tensor(name: str, stored_as: str, dtype: str, bundle: np.ndarray,
-                   source: np.ndarray, derived: bool = False) -> TensorDiff:
+                   source: np.ndarray, derived: bool = False,
+                   imatrix: np.ndarray | None = None) -> TensorDiff:
     """Compare one bundle tensor (float32, canonical layout) with its source (float32);
-    ``derived``: the source value was recomputed (see :func:`_bad_mask`)."""
+    ``derived``: the source value was recomputed, ``imatrix``: the importance weights a
+    K-quant tensor was quantized with (see :func:`_bad_mask`)."""
     diff = TensorDiff(name, stored_as, dtype, "ok", numel=int(source.size))
     if tuple(bundle.shape) != tuple(source.shape):
         diff.status = "shape"
@@ -159,7 +225,7 @@ def compare_tensor(name: str, stored_as: str, dtype: str, bundle: np.ndarray,
                      "checkpoint" + (" (transposed)" if tuple(bundle.shape[::-1]) ==
                                      tuple(source.shape) else ""))
         return diff
-    mask = _bad_mask(bundle, source, dtype, derived)
+    mask = _bad_mask(bundle, source, dtype, derived, imatrix)
     if mask is None:
         diff.status = "unchecked"
         return diff
@@ -177,10 +243,13 @@ def compare_tensor(name: str, stored_as: str, dtype: str, bundle: np.ndarray,
         rows = np.flatnonzero(rows_mask)
         diff.bad_row_count = int(rows.size)
         diff.bad_rows = [int(r) for r in rows[:MAX_LISTED]]
-        if dtype in QUANT_BOUNDS and source.ndim > 1:
-            block = QUANT_BOUNDS[dtype][0]
-            blocks = mask.reshape(-1, source.shape[-1] // block, block).any(axis=-1)
-            where = np.argwhere(blocks)
+        block = check_block(dtype)
+        if block and source.ndim > 1:
+            per_block = mask.reshape(-1, source.shape[-1] // block, block)
+            where = np.argwhere(per_block.any(axis=-1))
             diff.bad_block_count = int(where.shape[0])
             diff.bad_blocks = [(int(r), int(c) * block) for r, c in where[:MAX_LISTED]]
+            for r, c in where[:MAX_LISTED]:
+                cols = np.flatnonzero(per_block[r, c]) + int(c) * block
+                diff.bad_spans.append((int(cols[0]), int(cols[-1])))
     return diff

@@ -22,6 +22,7 @@ from mmconvert.commands.options import (
     out_option,
     progress_option,
     push_options,
+    quantize_options,
     size_arg,
     source_options,
     strict_option,
@@ -39,7 +40,9 @@ OUTTYPE_CHOICES = list(OUTTYPES)
 @click.option("--outtype", "outtypes", multiple=True,
               type=click.Choice(OUTTYPE_CHOICES, case_sensitive=False),
               help="Type of the text model's weight matrices; repeat for several files from one "
-                   "read of the source. auto: BF16 (F16 for an F16 source). [default: auto]")
+                   "read of the source. auto: BF16 (F16 for an F16 source). q2_k ... q6_k, "
+                   "iq4_nl, iq4_xs: llama-quantize's mixtures, each tensor the type it would "
+                   "choose (docs/quantization.md). [default: auto]")
 @click.option("--projector-outtype", type=click.Choice(list(PROJECTOR_OUTTYPES),
                                                        case_sensitive=False),
               default="f16", show_default=True, help="Type of the projector's linear weights.")
@@ -52,6 +55,11 @@ OUTTYPE_CHOICES = list(OUTTYPES)
 @click.option("--pre-tokenizer", default=None, metavar="NAME",
               help="llama.cpp pre-tokenizer name (e.g. qwen2) when detection does not "
                    "recognise the tokenizer.")
+@quantize_options
+@click.option("--imatrix", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Importance matrix (llama.cpp's imatrix.gguf or legacy .dat; `mmconvert "
+                   "imatrix` writes one): quantized tensors use its weights as llama-quantize "
+                   "--imatrix does.")
 @fold_linear_option()
 @source_options
 @strict_option
@@ -65,7 +73,9 @@ OUTTYPE_CHOICES = list(OUTTYPES)
 @progress_option
 def to_gguf_cmd(ckpt: Path, out: Path | None, outtypes: tuple[str, ...],
                 projector_outtype: str, split_max_size: str | None, name: str | None,
-                pre_tokenizer: str | None, fold_linear: bool, read: dict, strict: bool,
+                pre_tokenizer: str | None, imatrix: Path | None, fold_linear: bool, read: dict,
+                quantize: dict,
+                strict: bool,
                 checksums: bool, force: bool, dry_run: bool, push: PushRequest,
                 progress: ByteBar | None) -> None:
     """Write GGUF files for llama.cpp: the Qwen3 text model with its full tokenizer (one file
@@ -75,6 +85,7 @@ def to_gguf_cmd(ckpt: Path, out: Path | None, outtypes: tuple[str, ...],
     \b
     Example:
       mmconvert to-gguf ckpt/ --outtype f16 --outtype q8_0
+      mmconvert to-gguf ckpt/ --outtype q4_k_m --outtype q6_k
     """
     from mmconvert import api
 
@@ -82,7 +93,9 @@ def to_gguf_cmd(ckpt: Path, out: Path | None, outtypes: tuple[str, ...],
                          split_max_size=size_arg("--split-max-size", split_max_size), name=name,
                          pre_tokenizer=pre_tokenizer, fold_linear=fold_linear,
                          checksums=checksums, force=force, strict=strict, dry_run=dry_run,
-                         log=echo_err, warn=echo_warning, progress=progress, **read)
+                         log=echo_err, warn=echo_warning, progress=progress, imatrix=imatrix,
+                         **quantize,
+                         **read)
     if dry_run:
         click.echo(result.plan)
         return

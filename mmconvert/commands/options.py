@@ -64,6 +64,42 @@ def source_options(fn: Callable) -> Callable:
     return wrapper
 
 
+QUANTIZE_KEYS = ("output_tensor_type", "token_embedding_type", "tensor_types", "pure")
+
+
+def quantize_options(fn: Callable) -> Callable:
+    """llama-quantize's overrides of the K-quant mixtures: ``--output-tensor-type``,
+    ``--token-embedding-type``, ``--tensor-type PATTERN=TYPE`` (repeatable) and ``--pure``; the
+    command receives them as ``quantize`` (a dict of :func:`mmconvert.api.to_gguf` keywords).
+    Values are checked by the API, so a bad one is one ``error:`` line."""
+    from mmconvert.formats.gguf_mixtures import OVERRIDE_TYPES
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, quantize={key: kwargs.pop(key) for key in QUANTIZE_KEYS}, **kwargs)
+
+    options = [
+        click.option("--output-tensor-type", metavar="TYPE", default=None,
+                     help="K-quant mixtures: the type of output.weight (e.g. q8_0), as "
+                          "llama-quantize's option; a tied token_embd follows it too."),
+        click.option("--token-embedding-type", metavar="TYPE", default=None,
+                     help="K-quant mixtures: the type of token_embd.weight, as "
+                          "llama-quantize's option."),
+        click.option("--tensor-type", "tensor_types", metavar="PATTERN=TYPE", multiple=True,
+                     help="K-quant mixtures: tensors whose name contains a match of the regular "
+                          "expression PATTERN (lower-cased, as llama-quantize) get TYPE, then "
+                          "the usual block-size fallback; repeatable, the first match wins. "
+                          "E.g. --tensor-type 'attn_v=q8_0' --tensor-type 'blk\\.0\\.=q6_k'. "
+                          f"TYPE, here and above: {', '.join(t.lower() for t in OVERRIDE_TYPES)}."),
+        click.option("--pure", is_flag=True,
+                     help="K-quant mixtures: every quantized tensor gets the mixture's base "
+                          "type (no per-tensor rules), as llama-quantize --pure."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 class ByteBar:
     """A tqdm bar over the bytes an export writes, as the API's ``progress`` factory: called with
     the total it opens the bar and returns its ``update``; the bar closes (and clears its line)
