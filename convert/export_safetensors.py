@@ -30,7 +30,7 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
     user named besides the model, which OUT may not overlap (see :class:`BundleDir`);
     ``progress`` as in :func:`~mmconvert.convert.export_gguf.export_gguf`."""
     plan = plan_safetensors(model, naming, dtype)
-    sources = SourceHashes(manifest_sources(model))  # overlaps the writing
+    sources = SourceHashes(manifest_sources(model), model.tensors.refs())  # fed by the reads
     digests: dict[str, str] = {}
     with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
         report = progress(data_bytes(plan.tensors)) if progress else None

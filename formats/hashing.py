@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -132,18 +134,246 @@ def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
     return result
 
 
-class SourceHashes:
-    """Hash the sources in the background while a conversion runs; :meth:`result` joins."""
+def _planned_entries(reads: Iterable[object]) -> dict[str, set[str]]:
+    """resolved source file -> names of its tensors the conversion will read. ``reads`` are
+    tensor sources (``TensorRef``-like: ``source_file``, ``source_name``, and the part names
+    of a stack in ``origin.names``); duck-typed, as ``formats`` never imports ``convert``."""
+    planned: dict[str, set[str]] = {}
+    for ref in reads:
+        path = getattr(ref, "source_file", None)
+        if path is None:
+            continue
+        origin = getattr(ref, "origin", None)
+        names = set(getattr(origin, "names", ()) or ()) | {getattr(ref, "source_name", "")}
+        planned.setdefault(os.path.realpath(path), set()).update(names)
+    return planned
 
-    def __init__(self, paths: Sequence[Path]):
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._future = self._pool.submit(sha256_sources, list(paths))
+
+def _holes(path: Path, planned: set[str] | None) -> list[tuple[int, int]] | None:
+    """Byte ranges of a safetensors file the conversion will not read: the header and every
+    tensor not in ``planned`` (``None``: every tensor is read). ``None`` when ``path`` is not a
+    readable safetensors file (it is then hashed by a plain read)."""
+    from mmconvert.formats.safetensors_io import read_safetensors_header
+
+    try:
+        entries, _ = read_safetensors_header(path)
+    except (ValueError, OSError):  # CheckpointError is a ValueError
+        return None
+    if not entries:
+        return None
+    start = min(e.offset for e in entries.values())
+    holes = [(0, start)]
+    if planned is not None:
+        holes += [(e.offset, e.offset + e.nbytes) for e in entries.values()
+                  if e.name not in planned and e.nbytes]
+    if planned is not None and len(holes) == len(entries) + 1:
+        return None  # nothing of it is read by the conversion: hash it in the background
+    return sorted(holes)
+
+
+class SourceTap:
+    """sha256 of one source file fed by the reads the conversion makes anyway.
+
+    :func:`observe_read` hands every ``pread`` of a registered file to :meth:`observe` (from
+    the writers' threads). Bytes at the hashed position go into the hash at once; bytes ahead
+    of it are copied aside up to ``PENDING_BYTES`` (the writers read in file order, so little
+    waits there); what would not fit is read again later. The tap reads by itself only what the
+    conversion never reads (``holes``: the header, tensors no target uses), when the hashed
+    position reaches it, and, in :meth:`finish`, whatever is left. A tensor read twice is
+    hashed once; bytes no read covers are hashed all the same: the digest is the whole file's.
+    """
+
+    def __init__(self, path: Path, holes: list[tuple[int, int]]):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(self._fd)
+        self.key = (st.st_dev, st.st_ino)
+        self.size = st.st_size
+        self._h = hashlib.sha256()
+        self._pos = 0
+        self._holes = sorted(holes)  # [start, end) ranges the tap reads itself
+        self._pending: dict[int, bytes] = {}  # offset -> bytes read ahead of the position
+        self._pending_bytes = 0
+        self._lock = threading.Lock()
+        self.bytes_read = 0  # what the tap read itself (the rest came from the conversion)
+        with self._lock:
+            self._advance()  # the header, now
+
+    def observe(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        with self._lock:
+            if end <= self._pos or self._h is None:
+                return  # hashed already (a tensor read twice)
+            if offset <= self._pos:
+                self._h.update(data[self._pos - offset:])
+                self._pos = end
+                self._advance()
+            elif self._pending_bytes + len(data) <= PENDING_BYTES:
+                self._pending[offset] = bytes(data)  # a copy: the caller may modify its buffer
+                self._pending_bytes += len(data)
+            else:  # too far ahead to keep: read it again when the position gets there
+                bisect.insort(self._holes, (offset, end))
+
+    def _take_pending(self) -> bool:
+        """Hash the pending bytes that start at or before the position; False if none do."""
+        data = self._pending.pop(self._pos, None)
+        start = self._pos
+        if data is None:
+            for offset in sorted(self._pending):
+                if offset > self._pos:
+                    break
+                chunk = self._pending.pop(offset)
+                self._pending_bytes -= len(chunk)
+                if offset + len(chunk) > self._pos:
+                    data, start = chunk, offset
+                    break
+            if data is None:
+                return False
+        else:
+            self._pending_bytes -= len(data)
+        self._h.update(memoryview(data)[self._pos - start:])
+        self._pos = start + len(data)
+        return True
+
+    def _read_hole(self) -> bool:
+        """Read and hash (up to READ_BYTES of) a hole at the position; False if none is there."""
+        while self._holes and self._holes[0][1] <= self._pos:
+            self._holes.pop(0)
+        if not self._holes or self._holes[0][0] > self._pos:
+            return False
+        n = min(self._holes[0][1], self.size) - self._pos
+        if n <= 0:
+            self._holes.pop(0)
+            return True
+        block = _pread(self._fd, min(READ_BYTES, n), self._pos)
+        self.bytes_read += len(block)
+        self._h.update(block)
+        self._pos += len(block)
+        return True
+
+    def _advance(self) -> None:
+        while self._pos < self.size and (self._take_pending() or self._read_hole()):
+            pass
+
+    def finish(self) -> str:
+        """Hash whatever the conversion did not deliver; the file's sha256."""
+        with self._lock:
+            self._holes = [(self._pos, self.size)]
+            self._advance()
+            if self._pos != self.size or os.fstat(self._fd).st_size != self.size:
+                raise OSError(f"{self.path}: changed size while it was being hashed")
+            digest, self._h = self._h.hexdigest(), None
+            self._pending.clear()
+            return digest
+
+    def close(self) -> None:
+        with self._lock:
+            self._h = None
+            self._pending.clear()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+# bytes a tap keeps aside per file (reads ahead of its position): the writers read in file
+# order, so a few slices suffice; a fixed cap keeps memory the same on any machine (with
+# many workers or sources read out of order, what does not fit is read again instead)
+PENDING_BYTES = 32 << 20
+_TAPS: dict[tuple[int, int], tuple[SourceTap, ...]] = {}  # (device, inode) -> its taps
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    block = os.pread(fd, n, offset)
+    if not block:
+        raise OSError(f"short read while hashing at byte {offset}")
+    return block
+
+
+def observe_read(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    """Called by the safetensors reader after each read: feeds the taps of that file, if any
+    (one dictionary test when none are registered)."""
+    if not _TAPS:
+        return
+    st = os.fstat(fd)
+    for tap in _TAPS.get((st.st_dev, st.st_ino), ()):
+        tap.observe(offset, memoryview(data))
+
+
+def _register(tap: SourceTap, add: bool) -> None:
+    with _lock:
+        taps = [t for t in _TAPS.get(tap.key, ()) if t is not tap] + ([tap] if add else [])
+        if taps:
+            _TAPS[tap.key] = tuple(taps)
+        else:
+            _TAPS.pop(tap.key, None)
+
+
+class SourceHashes:
+    """sha256 of a conversion's sources, from the bytes the conversion reads anyway.
+
+    Created before the writing, :meth:`result` after it. Cached files (see
+    :func:`sha256_sources`) are not read at all. Safetensors files get a :class:`SourceTap`, fed
+    by the writers' reads (one pass over each file for both); ``reads``, the tensor sources the
+    conversion will read (default: all of them), tells the taps which tensors to read
+    themselves. Other files (configs, the tokenizer, pickles) are hashed in the background.
+    """
+
+    def __init__(self, paths: Sequence[Path], reads: Iterable[object] | None = None):
+        self._use_cache = os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1"
+        with _lock:
+            cache = _load_cache() if self._use_cache else {}
+        planned = _planned_entries(reads) if reads is not None else None
+        self._known: dict[str, str] = {}
+        self._identities: dict[Path, str | None] = {}
+        self._taps: dict[Path, SourceTap] = {}
+        background: list[Path] = []
+        for p in map(Path, paths):
+            identity = _identity(p) if self._use_cache else None
+            entry = cache.get(str(p.resolve()))
+            if entry and identity is not None and entry.get("id") == identity:
+                self._known[str(p)] = entry["sha256"]
+                continue
+            self._identities[p] = identity
+            holes = _holes(p, None if planned is None
+                           else planned.get(os.path.realpath(p), set()))
+            if holes is None:
+                background.append(p)
+            else:
+                self._taps[p] = tap = SourceTap(p, holes)
+                _register(tap, True)
+        self._pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self._future = self._pool.submit(sha256_files, background) if self._pool else None
 
     def result(self) -> dict[str, str]:
         try:
-            return self._future.result()
+            hashes = dict(self._known)
+            for p, tap in self._taps.items():
+                hashes[str(p)] = tap.finish()
+            if self._future is not None:
+                hashes.update(self._future.result())
         finally:
+            self.close()
+        if self._use_cache and self._identities:
+            with _lock:
+                cache = _load_cache()
+                for p, identity in self._identities.items():
+                    # a file that changed while it was read keeps no entry
+                    if _settled(p) and _identity(p) == identity:
+                        cache[str(p.resolve())] = {"id": identity, "sha256": hashes[str(p)]}
+                _save_cache(cache)
+        return hashes
+
+    def close(self) -> None:
+        """Stop observing reads (:meth:`result` does it; call it when giving up early)."""
+        for tap in self._taps.values():
+            _register(tap, False)
+            tap.close()
+        if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+    def __del__(self) -> None:  # a conversion that failed never calls result()
+        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
+            self.close()
 
 
 def sha256_following(fd: int, size: int, regions: Sequence[tuple[int, Future]]) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from mmconvert.errors import CheckpointError, UnsupportedError
 from mmconvert.formats.dtypes import STORAGE_DTYPES
+from mmconvert.formats.hashing import observe_read
 from mmconvert.formats.safe_json import JSONObject, JSONTooDeep, loads_like_serde
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (decimal, not MiB)
@@ -193,6 +194,7 @@ def read_bytes(path: Path, offset: int, nbytes: int) -> bytearray:
             if n <= 0:
                 raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}")
             done += n
+        observe_read(fd, offset, buf)  # sources are hashed from these bytes (formats/hashing)
     finally:
         os.close(fd)
     return buf

@@ -5,9 +5,9 @@ Writers compute their whole layout first (headers, offsets), create the files wi
 source tensor: the source is read a few rows at a time, scanned for NaN/Inf once per slice
 (:mod:`mmconvert.formats.nonfinite`), and each slice is encoded (cast or quantized) and
 ``pwrite``-n into every :class:`Target` that stores it (one GGUF per ``--outtype`` shares a
-single read of the checkpoint). Sources go in parallel on a thread pool (numpy and the
-syscalls release the GIL); memory stays near ``workers x CHUNK_BYTES`` times the encoders'
-expansion.
+single read of the checkpoint). Slices go in parallel on a thread pool (numpy and the
+syscalls release the GIL), in the order they lie in the source files; memory stays near
+``workers x CHUNK_BYTES`` times the encoders' expansion.
 """
 
 from __future__ import annotations
@@ -99,37 +99,98 @@ def create_file(path: Path, size: int, header: bytes) -> int:
     return fd
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """Rows ``start:stop`` of one job: the unit of work of the pool. Jobs are cut into slices
+    so that the workers read neighbouring bytes (one sequential pass over each source, which
+    :mod:`~mmconvert.formats.hashing` hashes as it goes) and each output fills nearly in order
+    (its hash follows closely)."""
+
+    job: TensorWrite
+    start: int
+    stop: int
+    whole: bool  # read the source whole (one slice covering every row)
+
+
+def _slices(job: TensorWrite, chunk_bytes: int) -> list[_Slice]:
+    ref = job.source
+    rows = ref.shape[0] if ref.shape else 1
+    row_bytes = ref.nbytes // rows if rows else 0
+    whole = (not ref.shape or row_bytes == 0 or not ref.row_streamable
+             or any(t.nbytes % rows for t in job.targets))  # output rows of unequal size
+    if whole:
+        return [_Slice(job, 0, rows, True)]
+    step = max(1, chunk_bytes // row_bytes)
+    return [_Slice(job, a, min(rows, a + step), False) for a in range(0, rows, step)]
+
+
+def _write_slice(piece: _Slice, progress: Progress | None) -> None:
+    """Read one slice; encode and write it into every target at its rows' offset."""
+    ref, job = piece.job.source, piece.job
+    rows = ref.shape[0] if ref.shape else 1
+    data = ref.read() if piece.whole or (piece.start == 0 and piece.stop == rows) \
+        else ref.read_rows(piece.start, piece.stop)
+    SCAN.scan(ref.source_name or ref.name, data, ref.dtype)  # once per slice, not per file
+    done = 0
+    for target in job.targets:
+        view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
+        first, expected = ((0, target.nbytes) if piece.whole else
+                           (piece.start * (target.nbytes // rows),
+                            (piece.stop - piece.start) * (target.nbytes // rows)))
+        if len(view) != expected:
+            raise AssertionError(f"{target.label}: rows {piece.start}:{piece.stop} encoded to "
+                                 f"{len(view)} bytes, layout reserved {expected}")
+        pwrite_all(target.fd, view, target.offset + first)
+        done += len(view)
+    del data
+    if progress is not None:
+        progress(done)
+
+
 def write_source(job: TensorWrite, progress: Progress | None = None,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
     """Read ``job.source`` a slice of rows at a time; encode and write each slice into every
     target, then call ``progress`` (if any) with the bytes just written."""
-    ref = job.source
-    rows = ref.shape[0] if ref.shape else 1
-    row_bytes = ref.nbytes // rows if rows else 0
-    whole = not ref.shape or row_bytes == 0 or not ref.row_streamable
-    step = rows if whole else max(1, chunk_bytes // row_bytes)
-    written = [0] * len(job.targets)
-    done = 0  # bytes written for this slice, all targets together
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        data = ref.read() if (start == 0 and stop == rows) else ref.read_rows(start, stop)
-        SCAN.scan(ref.source_name or ref.name, data, ref.dtype)  # once per slice, not per file
-        for i, target in enumerate(job.targets):
-            view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
-            if written[i] + len(view) > target.nbytes:
-                raise AssertionError(f"{target.label}: encoder overflows its {target.nbytes} "
-                                     "bytes")
-            pwrite_all(target.fd, view, target.offset + written[i])
-            written[i] += len(view)
-            done += len(view)
-        del data
-        if progress is not None:
-            progress(done)
-            done = 0
-    for target, n in zip(job.targets, written):
-        if n != target.nbytes:
-            raise AssertionError(f"{target.label}: wrote {n} bytes, layout reserved "
-                                 f"{target.nbytes}")
+    for piece in _slices(job, chunk_bytes):
+        _write_slice(piece, progress)
+
+
+def _source_order(jobs: Sequence[TensorWrite]) -> list[TensorWrite]:
+    """``jobs`` sorted by where their source lies (file, then offset), so that one sequential
+    pass over each source file feeds both the conversion and its hash. A source whose place is
+    unknown (computed, from a pickle) keeps its place after the job before it."""
+    from mmconvert.formats.safetensors_io import read_safetensors_header
+
+    offsets: dict[str, dict[str, int]] = {}
+
+    def place(source: TensorSource) -> tuple[str, int] | None:
+        path = getattr(source, "source_file", None)
+        if path is None or not str(path).endswith(".safetensors"):
+            return None
+        key = str(path)
+        if key not in offsets:
+            try:
+                entries, _ = read_safetensors_header(Path(path))
+            except (ValueError, OSError):
+                entries = {}
+            offsets[key] = {name: e.offset for name, e in entries.items()}
+        names = (*getattr(getattr(source, "origin", None), "names", ()), source.source_name)
+        found = [offsets[key][n] for n in names if n in offsets[key]]
+        return (key, min(found)) if found else None
+
+    keyed, last = [], ("", -1)
+    for index, job in enumerate(jobs):
+        last = place(job.source) or last
+        keyed.append((last, index, job))
+    return [job for _, _, job in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
+def _slice_end(piece: _Slice, target: Target) -> int:
+    """The offset in ``target``'s file up to which ``piece`` fills it."""
+    if piece.whole:
+        return target.offset + target.nbytes
+    rows = piece.job.source.shape[0]
+    return target.offset + piece.stop * (target.nbytes // rows)
 
 
 def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = None,
@@ -137,10 +198,12 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
                   hash_files: Sequence[tuple[int, int]] = ()) -> list[str]:
     """Run every job (the files' headers must already be in place); return sha256 digests.
 
-    Jobs are submitted in the order given, which should be file order: for each
-    ``(fd, size)`` in ``hash_files`` the calling thread hashes the file region by region as the
-    jobs filling it finish (:func:`~mmconvert.formats.hashing.sha256_following`), overlapping
-    the conversion; the digests come back in ``hash_files`` order.
+    Jobs run in the order their sources lie in the source files (a slice of rows at a time,
+    :class:`_Slice`), so each source is read in one sequential pass that also feeds its hash
+    (:class:`~mmconvert.formats.hashing.SourceTap`). For each ``(fd, size)`` in ``hash_files``
+    the calling thread hashes the output region by region as the slices filling it finish
+    (:func:`~mmconvert.formats.hashing.sha256_following`), overlapping the conversion; the
+    digests come back in ``hash_files`` order.
 
     ``progress`` is called (from the pool's threads, one call at a time) with the bytes each
     slice wrote into its targets; the calls add up to :func:`data_bytes` of ``jobs``. It does
@@ -149,14 +212,20 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
     progress = locked(progress)
     workers = workers or max(1, os.cpu_count() or 1)
     digests = []
+    pieces = [p for job in _source_order(jobs) for p in _slices(job, chunk_bytes)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(write_source, job, progress, chunk_bytes) for job in jobs]
-        for fd, size in hash_files:
-            regions = sorted(((t.offset + t.nbytes, future)
-                              for job, future in zip(jobs, futures)
-                              for t in job.targets if t.fd == fd), key=lambda r: r[0])
-            digests.append(sha256_following(fd, size, regions))
-        for future in futures:
-            future.result()
+        futures = [pool.submit(_write_slice, piece, progress) for piece in pieces]
+        try:
+            for fd, size in hash_files:
+                regions = sorted(((_slice_end(piece, t), future)
+                                  for piece, future in zip(pieces, futures)
+                                  for t in piece.job.targets if t.fd == fd), key=lambda r: r[0])
+                digests.append(sha256_following(fd, size, regions))
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:  # a failed slice: do not write the rest
+                future.cancel()
+            raise
     SCAN.finish()  # NaN/Inf seen in these tensors: warn, or refuse under --strict
     return digests

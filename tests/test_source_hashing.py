@@ -1,0 +1,227 @@
+"""Sources are hashed from the bytes the conversion reads: one pass over each file for both.
+
+Reads are counted at the Python level: every ``os.pread``/``os.preadv`` and every read of a
+file object opened on a source, by file and offset, while the conversion runs. The manifest's
+sha256 must be hashlib's of the whole file (header, tensors no target uses and tensors read
+twice included) and the tensor data of each source must be read once, not once for the
+conversion and once more for its hash.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mmconvert.convert.tensors import file_tensor
+from mmconvert.formats import hashing
+from mmconvert.formats.safetensors_io import read_safetensors_header
+from mmconvert.formats.streaming import Target, TensorWrite, create_file, write_tensors
+from testkit.checkpoints import ExampleOptions, write_checkpoint
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ReadCounter:
+    """Bytes read from each watched file, as (offset, length) pieces."""
+
+    def __init__(self, paths, monkeypatch):
+        self.watched = {os.path.realpath(p) for p in paths}
+        self.reads: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        real_pread, real_preadv, real_open = os.pread, os.preadv, builtins.open
+
+        def path_of(fd: int) -> str | None:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return None
+            return target if target in self.watched else None
+
+        def pread(fd, n, offset):
+            data = real_pread(fd, n, offset)
+            if (p := path_of(fd)) is not None:
+                self.reads[p].append((offset, len(data)))
+            return data
+
+        def preadv(fd, buffers, offset, *flags):
+            n = real_preadv(fd, buffers, offset, *flags)
+            if (p := path_of(fd)) is not None:
+                self.reads[p].append((offset, n))
+            return n
+
+        counter = self
+
+        class Counted:  # a file object opened on a watched file, counting its reads
+            def __init__(self, f, path):
+                self._f, self._path = f, path
+
+            def _count(self, start, n):
+                counter.reads[self._path].append((start, n))
+
+            def read(self, *args):
+                start = self._f.tell()
+                data = self._f.read(*args)
+                self._count(start, len(data))
+                return data
+
+            def readinto(self, buf):
+                start = self._f.tell()
+                n = self._f.readinto(buf)
+                self._count(start, n or 0)
+                return n
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._f.close()
+
+            def __iter__(self):
+                return iter(self._f)
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+        def counted_open(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            if isinstance(file, (str, Path)) and "r" in mode and \
+                    os.path.realpath(file) in self.watched:
+                return Counted(f, os.path.realpath(file))
+            return f
+
+        monkeypatch.setattr(os, "pread", pread)
+        monkeypatch.setattr(os, "preadv", preadv)
+        monkeypatch.setattr(builtins, "open", counted_open)
+        monkeypatch.setattr(io, "open", counted_open)
+
+    def data_bytes_read(self, path: Path) -> int:
+        """Bytes read at or after the start of ``path``'s tensor data (every read counted)."""
+        entries, _ = read_safetensors_header(path)
+        start = min(e.offset for e in entries.values())
+        return sum(max(0, off + n - max(off, start)) for off, n in
+                   self.reads[os.path.realpath(path)])
+
+
+@pytest.fixture
+def cold_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMCONVERT_NO_HASH_CACHE", "1")
+    monkeypatch.setenv("MMCONVERT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _data_size(path: Path) -> int:
+    entries, _ = read_safetensors_header(path)
+    return path.stat().st_size - min(e.offset for e in entries.values())
+
+
+@pytest.mark.parametrize("command", ["to_gguf", "to_safetensors"])
+def test_sharded_sources_are_read_once_and_hashed_right(tmp_path, cold_cache, monkeypatch,
+                                                        command):
+    from mmconvert import api
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(shards=3))
+    shards = sorted(ckpt.glob("*.safetensors"))
+    assert len(shards) == 3
+    counter = ReadCounter(shards, monkeypatch)
+    out = tmp_path / "out"
+    if command == "to_gguf":
+        api.to_gguf(ckpt, out, outtypes=["f16"])
+    else:
+        api.to_safetensors(ckpt, out)
+    read = {shard: counter.data_bytes_read(shard) for shard in shards}  # before hashing here
+    manifest = json.loads((out / "mmconvert.json").read_text())
+    recorded = {Path(s["path"]).name: s["sha256"] for s in manifest["sources"]}
+    assert set(recorded) >= {s.name for s in shards} | {"config.json", "tokenizer.json"}
+    for name, digest in recorded.items():
+        assert digest == _sha(ckpt / name), name
+    for shard in shards:
+        assert read[shard] == _data_size(shard), shard.name
+
+
+def test_a_tensor_read_twice_is_hashed_once(tmp_path, cold_cache, monkeypatch):
+    """transformers-5 fused experts: gate and up each read the whole gate_up_proj."""
+    from mmconvert import api
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(
+        num_experts=4, experts_format="fused", shards=2))
+    shards = sorted(ckpt.glob("*.safetensors"))
+    fused = sum(e.nbytes for s in shards for e in read_safetensors_header(s)[0].values()
+                if e.name.endswith("experts.gate_up_proj"))
+    assert fused
+    counter = ReadCounter(shards, monkeypatch)
+    api.to_gguf(ckpt, tmp_path / "out", outtypes=["f16"])
+    total = sum(counter.data_bytes_read(s) for s in shards)
+    manifest = json.loads((tmp_path / "out" / "mmconvert.json").read_text())
+    recorded = {Path(s["path"]).name: s["sha256"] for s in manifest["sources"]}
+    assert all(recorded[s.name] == _sha(s) for s in shards)
+    data = sum(_data_size(s) for s in shards)
+    # the conversion's own second read of gate_up_proj (one per half) is all there is: the
+    # hash adds no read of its own
+    assert data <= total <= data + fused
+
+
+def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> list:
+    save_file(tensors, str(path))
+    entries, _ = read_safetensors_header(path)
+    return [file_tensor(name, entries[name]) for name in tensors]
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["reads-given", "reads-unknown"])
+def test_taps_hash_gaps_unused_tensors_and_repeats(tmp_path, cold_cache, monkeypatch, told):
+    """A file of which some tensors are never read, one is read twice and the rest out of
+    order, and a second file read backwards: both digests are the files'; the taps read by
+    themselves only what the conversion does not (when told what it reads)."""
+    rng = np.random.default_rng(0)
+    a = _write_file(tmp_path / "a.safetensors",
+                    {f"t{i}": rng.standard_normal((64, 48)).astype(np.float32) for i in range(6)})
+    b = _write_file(tmp_path / "b.safetensors",
+                    {f"u{i}": rng.standard_normal((3, 40)).astype(np.float16) for i in range(5)})
+    used = [a[3], a[1], a[1].renamed("again"), a[5], *b[::-1]]  # t0, t2, t4 never read
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    counter = ReadCounter(files, monkeypatch)
+    sources = hashing.SourceHashes(files, used if told else None)
+    out = tmp_path / "out.bin"
+    size = sum(r.nbytes for r in used)
+    fd = create_file(out, size, b"")
+    try:
+        jobs, offset = [], 0
+        for ref in used:
+            jobs.append(TensorWrite(ref, (Target(fd, offset, ref.nbytes, lambda x: x,
+                                                 ref.name),)))
+            offset += ref.nbytes
+        (digest,) = write_tensors(jobs, workers=3, chunk_bytes=1000, hash_files=[(fd, size)])
+    finally:
+        os.close(fd)
+    hashes = sources.result()
+    read = [counter.data_bytes_read(f) for f in files]
+    assert hashes == {str(f): _sha(f) for f in files}
+    assert digest == _sha(out)
+    assert not hashing._TAPS  # nothing left observing reads
+    if told:  # the conversion read t1 twice, t3 and t5 once; the tap t0, t2, t4 once
+        assert read[0] == _data_size(files[0]) + a[1].nbytes
+        assert read[1] == _data_size(files[1])
+
+
+def test_cached_sources_are_not_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMCONVERT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MMCONVERT_NO_HASH_CACHE", raising=False)
+    refs = _write_file(tmp_path / "a.safetensors",
+                       {"w": np.arange(4096, dtype=np.float32).reshape(64, 64)})
+    path = tmp_path / "a.safetensors"
+    old = os.stat(path).st_mtime - 60
+    os.utime(path, (old, old))
+    first = hashing.SourceHashes([path], refs)
+    refs[0].read()  # the conversion's read feeds the tap
+    assert first.result() == {str(path): _sha(path)}
+    second = hashing.SourceHashes([path], refs)
+    assert not hashing._TAPS  # a cache hit needs no tap
+    assert second.result() == {str(path): _sha(path)}
