@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from mmconvert.errors import OutputError, UsageError
+from mmconvert.errors import OutputError, UsageError, import_extra
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mmconvert.convert.readers import ReadOptions, read_checkpoint
     from mmconvert.formats.bundle import Input
     from mmconvert.publish.hub import PushResult
-    from mmconvert.verify.harness import VerifyResult
+    from mmconvert.verify.harness import StageProgress, VerifyResult
 
 __all__ = ["BACKENDS", "ExportResult", "PushResult", "ReadKwargs", "ReadOptions",
            "VerifyResult", "example", "inspect", "push", "read_checkpoint", "to_gguf", "to_hf",
@@ -234,6 +234,9 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
             force: bool = False, strict: bool = False, dry_run: bool = False,
             log: Log | None = None, warn: Log | None = None,
             progress: ProgressFactory | None = None,
+            output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+            tensor_types: Sequence[str] = (), pure: bool = False,
+            imatrix: PathLike | None = None,
             **read: Unpack[ReadKwargs]) -> ExportResult:
     """Write the GGUF bundle for llama.cpp (``mmconvert to-gguf``): one text GGUF per
     outtype, the projector GGUF (docs/gguf-projector.md) and ``mmconvert.json``.
@@ -243,7 +246,7 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
         out: the bundle folder [default: ``<ckpt>-gguf`` beside the checkpoint].
         outtypes: type(s) of the text model's weight matrices (``f32``, ``f16``, ``bf16``,
             ``q8_0``, ``q4_0``, ...; ``auto``: BF16, F16 for an F16 source), all from one read.
-        projector_outtype: ``f32``, ``f16`` or ``q8_0``.
+        projector_outtype: ``f32``, ``f16``, ``q8_0``, ``q6_k``, ``q5_k`` or ``q4_k``.
         split_max_size: shard each text GGUF at this much tensor data (``"2G"``, bytes).
         name: model name for ``general.name`` and the file names.
         pre_tokenizer: llama.cpp pre-tokenizer name when detection fails.
@@ -257,22 +260,37 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
         progress: for a progress bar: called once with the total bytes the export writes
             (all outtypes together) and returns a callback, which gets the bytes of each slice
             as it is written (thread-safe calls; they add up to the total). None: no progress.
+        output_tensor_type, token_embedding_type, tensor_types (``"PATTERN=TYPE"`` each), pure:
+            llama-quantize's overrides of the K-quant mixtures (``q4_k_m``, ...; see
+            docs/quantization.md, "K-quant mixtures").
+        imatrix: an importance-matrix file (llama.cpp's GGUF or legacy ``.dat`` format;
+            ``mmconvert imatrix`` writes one): every quantized tensor gets llama-quantize's
+            weights from it (:class:`~mmconvert.errors.ImatrixError` when it does not fit).
 
     Raises:
         CheckpointError / UnsupportedError: the checkpoint cannot be read or converted (an
-            unknown outtype included); OutputError: ``out`` cannot be written.
+            unknown outtype included); OutputError: ``out`` cannot be written; UsageError: a
+            bad override.
 
     >>> result = to_gguf("ckpt", "ckpt-gguf", outtypes=["f16", "q8_0"])
     >>> result.files
     ['ckpt-124K-F16.gguf', 'ckpt-124K-Q8_0.gguf', 'mmproj-ckpt-F16.gguf', 'mmconvert.json']
     """
     from mmconvert.convert.export_gguf import export_gguf, prepare_gguf
+    from mmconvert.formats.gguf_mixtures import make_overrides
 
     outtypes = (outtypes,) if isinstance(outtypes, str) else tuple(outtypes)
+    tensor_types = (tensor_types,) if isinstance(tensor_types, str) else tuple(tensor_types)
     options = dict(outtypes=tuple(t.lower() for t in outtypes) or ("auto",),
                    projector_outtype=projector_outtype.lower(), name=name,
                    split_max_bytes=size_bytes(split_max_size, "split_max_size"),
-                   pre_tokenizer=pre_tokenizer, fold_linear=fold_linear)
+                   pre_tokenizer=pre_tokenizer, fold_linear=fold_linear,
+                   overrides=make_overrides(output_tensor_type, token_embedding_type,
+                                            tensor_types, pure))
+    if imatrix is not None:
+        from mmconvert.formats.imatrix import read_imatrix
+
+        options["imatrix"] = read_imatrix(imatrix)
     model, inputs = _read(ckpt, read)
     if dry_run:
         return ExportResult(None, [], prepare_gguf(model, **options).describe())
@@ -365,6 +383,9 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
            report_json: PathLike | None = None, junit: PathLike | None = None,
            markdown: PathLike | None = None, trust_bundle_code: bool = False,
            log: Log | None = None, warn: Log | None = None,
+           progress: StageProgress | None = None, offload: str = "auto",
+           max_kld: float | None = None, min_top1: float | None = None,
+           imatrix: PathLike | None = None,
            **read: Unpack[ReadKwargs]) -> VerifyResult:
     """Check that each bundle computes the same logits as the checkpoint (``mmconvert verify``)
     and return the verdicts; a parity failure is ``result.passed == False``, not an exception.
@@ -382,6 +403,15 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
         report_json, junit, markdown: also write these reports.
         trust_bundle_code: import an HF bundle's code that is not the one mmconvert writes.
         log: receives progress lines; warn: warnings (else :func:`warnings.warn`).
+        progress: a :class:`mmconvert.verify.harness.StageProgress` shown each pass over the
+            cases (the reference's, each target's); the per-case log lines are left out then.
+        offload: ``auto`` (what does not fit in RAM stays on disk, read in place), ``never``
+            or ``disk`` (force it); see docs/verification.md.
+        max_kld / min_top1: quality gates on a quantized bundle's loss against the source
+            (off by default: a correct conversion passes whatever its type costs).
+        imatrix: the importance-matrix file a GGUF bundle was quantized with (to-gguf
+            --imatrix), so its weighted tensors are checked byte for byte; without it they are
+            left unchecked with a note, the logits still judged.
 
     Raises:
         UsageError, ThresholdError, CasesError, ReferenceFileError: bad arguments;
@@ -391,12 +421,15 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
     >>> result.passed, {t.target.backend for t in result.targets}
     (True, {'gguf_torch', 'gguf_llama'})
     """
-    import torch
+    # the [verify] extra: said in one line before anything imports torch or transformers
+    torch = import_extra("torch", extra="verify", job="verify")
+    import_extra("transformers", extra="verify", job="verify")
 
     from mmconvert.verify import golden, report
     from mmconvert.verify.cases import default_cases, load_cases_file
+    from mmconvert.verify.fidelity import QualityGates
     from mmconvert.verify.harness import VerifyResult, discover_all, run_reference, verify_bundles
-    from mmconvert.verify.reference import resolve_device
+    from mmconvert.verify.reference import OFFLOAD_CHOICES, resolve_device
     from mmconvert.verify.thresholds import parse_override
 
     bundles = [Path(bundles)] if isinstance(bundles, str | os.PathLike) else \
@@ -404,6 +437,7 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
     for backend in backends:
         _choice(backend, BACKENDS, "backend")
     _choice(dtype, ("float32", "bfloat16"), "dtype")
+    _choice(offload, OFFLOAD_CHOICES, "offload")
     if not bundles and not save_reference:
         raise UsageError("nothing to do: give at least one BUNDLE, or --save-reference FILE")
     if reference and save_reference:
@@ -434,7 +468,8 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
         log(f"reference: {reference} ({len(ref.cases)} cases, made on {ref.device}, "
             f"{ref.dtype})")
     else:
-        ref = run_reference(model, case_list, device, torch_dtype, log)
+        ref = run_reference(model, case_list, device, torch_dtype, log, progress,
+                            offload=offload)
         log(f"reference: {len(case_list)} cases in {ref.seconds:.2f}s")
     if save_reference:
         golden.save_reference(Path(save_reference), ref, content_hash, files)
@@ -442,7 +477,9 @@ def verify(ckpt: PathLike, bundles: PathLike | Sequence[PathLike] = (), *,
     if not bundles:
         return VerifyResult(str(model.source), content_hash, ref, [])
     result = verify_bundles(model, targets, ref, content_hash, device, torch_dtype,
-                            overrides, log)
+                            overrides, log, progress, offload=offload,
+                            gates=QualityGates(max_kld, min_top1),
+                            imatrix=_read_imatrix(imatrix) if imatrix is not None else None)
     for path, write in ((report_json, report.write_json), (junit, report.write_junit),
                         (markdown, report.write_markdown)):
         if path:
@@ -475,3 +512,9 @@ def push(bundle: PathLike, repo: str, *, token: str | None = None, private: bool
 
     return push_bundle(Path(bundle), repo, token=token, private=private, revision=revision,
                        create_pr=create_pr, commit_message=commit_message, log=log)
+
+
+def _read_imatrix(path: PathLike):
+    from mmconvert.formats.imatrix import read_imatrix
+
+    return read_imatrix(path)

@@ -518,3 +518,42 @@ def test_to_gguf_refuses_an_imatrix_of_another_model(example_ckpt, tmp_path):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and "does not have" in r.output.splitlines()[0]
     assert not out.exists()
+
+
+@pytest.mark.llama
+def test_verify_checks_an_imatrix_bundle_with_its_imatrix(example_ckpt, tmp_path):
+    """An imatrix-quantized bundle: verify without the matrix leaves the weighted tensors
+    unchecked (saying why) and still passes on logits; with it, every tensor is compared byte
+    for byte and passes; with another matrix, the tensor check fails the bundle."""
+    from mmconvert import api
+    from mmconvert.convert.readers import read_checkpoint
+    from mmconvert.verify.imatrix_compute import compute_imatrix, tokenize_calibration
+
+    model = read_checkpoint(example_ckpt)
+    ids = tokenize_calibration(model, calibration_text(300, seed=2))
+    stats = compute_imatrix(model, ids, chunk_size=64, max_chunks=2, device="cpu").imatrix
+    good = tmp_path / "imatrix.gguf"
+    write_imatrix_gguf(good, stats)
+    other = tmp_path / "other.gguf"
+    for e in stats.entries.values():
+        e.sums[:] = RNG.uniform(0.1, 10.0, e.sums.shape).astype(np.float32) * e.counts[0]
+    write_imatrix_gguf(other, stats)
+    bundle = tmp_path / "q"
+    api.to_gguf(example_ckpt, bundle, outtypes=["q4_0"], imatrix=good, checksums=False,
+                warn=lambda line: None)
+
+    def run(imatrix):
+        return api.verify(example_ckpt, [bundle], backends=["gguf_torch"], imatrix=imatrix,
+                          log=lambda line: None, warn=lambda line: None)
+
+    without = run(None)
+    assert without.passed
+    notes = [m for r in without.targets for name, ok, m in r.checks if name == "tensor check"]
+    assert len(notes) == 1 and "imatrix.gguf" in notes[0] and "pass --imatrix FILE" in notes[0]
+    with_it = run(good)
+    assert with_it.passed
+    assert not [m for r in with_it.targets for name, ok, m in r.checks if name == "tensor check"]
+    wrong = run(other)
+    assert not wrong.passed
+    assert any(d.status == "mismatch" and d.dtype == "Q4_0"
+               for r in wrong.targets for d in r.tensor_diffs)

@@ -11,32 +11,78 @@ failing one does not stop the others, so a report shows every symptom at once:
 3. logits: each case through the backend, metrics against the reference, thresholds for the
    target's output type;
 4. backend extras (tokenizer parity, tokenizer files).
+
+A quantized GGUF target is compared with the **dequantized reference** for its verdict (the
+reference forward on the bundle's own dequantized weights, :mod:`mmconvert.verify.fidelity`)
+and with the source reference for its quantization loss, a failure only under a quality gate.
+
+One model at a time (:mod:`mmconvert.verify.stages`): the reference's logits are computed and
+kept, the reference freed; then each dequantized reference, then each target, each freed
+before the next loads. Every stage reports its time and peak RSS.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.errors import MMConvertError
+from mmconvert.formats import quants
+from mmconvert.formats.bundle import read_manifest
 from mmconvert.formats.dtypes import FLOAT_DTYPES, to_float32
+from mmconvert.formats.imatrix import Imatrix
 from mmconvert.verify.backends import BundleTensor, Target, discover, open_runner
 from mmconvert.verify.cases import Case
 from mmconvert.verify.diagnose import explain, rank
 from mmconvert.verify.facts import compare_facts, source_facts
+from mmconvert.verify.fidelity import (
+    FIDELITY_FALLBACK,
+    FIDELITY_LIMITS,
+    NO_GATES,
+    QualityGates,
+    is_quantized,
+)
 from mmconvert.verify.metrics import Metrics, aggregate, compare_logits
+from mmconvert.verify.stages import StageStats, measure, release, track
 from mmconvert.verify.tensorcheck import TensorDiff, compare_tensor
 from mmconvert.verify.thresholds import Override, check, thresholds_for
 
 Log = Callable[[str], None]
+
+
+class StageProgress(Protocol):
+    """Where verify shows how far a stage is (the command's bars on a terminal): one stage per
+    pass over the cases, the reference's and each target's. With one, the per-case log lines
+    are left out (the stage shows each case)."""
+
+    def start(self, stage: str, total: int) -> None: ...
+
+    def step(self, item: str) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@contextmanager
+def _stage(progress: StageProgress | None, stage: str, total: int
+           ) -> Iterator[Callable[[str], None]]:
+    """``step(case_name)`` after each case; the stage ends on leaving, also on an error."""
+    if progress is None:
+        yield lambda _item: None
+        return
+    progress.start(stage, total)
+    try:
+        yield progress.step
+    finally:
+        progress.end()
 
 
 @dataclass
@@ -50,6 +96,7 @@ class ReferenceLogits:
     dtype: str
     seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
+    stages: list[StageStats] = field(default_factory=list)  # how it was computed here
 
 
 @dataclass
@@ -76,6 +123,11 @@ class TargetResult:
     failures: list[str] = field(default_factory=list)  # threshold messages
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # a quantized target: logits judged against "dequantized" (the reference forward on the
+    # bundle's weights); loss = its logits against the source, gated only by the user
+    compared_with: str = "source"  # source | dequantized
+    loss: dict[str, float] | None = None
+    loss_gate: list[str] = field(default_factory=list)  # quality gates the loss missed
 
     @property
     def causes(self) -> list[str]:
@@ -96,6 +148,7 @@ class VerifyResult:
     content_hash: str
     reference: ReferenceLogits
     targets: list[TargetResult]
+    stages: list[StageStats] = field(default_factory=list)  # in the order they ran
 
     @property
     def passed(self) -> bool:
@@ -106,25 +159,78 @@ class VerifyResult:
 # reference
 
 
+def _placement_note(forward) -> str:
+    if not forward.device_map:
+        return ""
+    if forward.offloaded:
+        return (f"accelerate device_map, {forward.offloaded} tensors left on disk, read in "
+                "place per forward")
+    return "accelerate device_map"
+
+
 def run_reference(model: CanonicalModel, cases: list[Case], device: str, dtype: torch.dtype,
-                  log: Log) -> ReferenceLogits:
-    """Greedy continuations and logits of every case from the source checkpoint."""
+                  log: Log, progress: StageProgress | None = None, *, offload: str = "auto"
+                  ) -> ReferenceLogits:
+    """Greedy continuations and logits of every case from the source checkpoint; the logits
+    are kept (float32, CPU) and the model freed before this returns."""
     from mmconvert.verify.reference import ReferenceModel
 
-    start = time.perf_counter()
-    ref = ReferenceModel.placed(model, device, dtype)
-    log(f"reference: {model.source} on {ref.device}"
-        f"{' (accelerate device_map)' if ref.device_map else ''}, {str(dtype).split('.')[-1]}")
-    exclude = (model.multimodal_token_id,) if model.multimodal_token_id is not None else ()
+    stages: list[StageStats] = []
     store: dict[str, torch.Tensor] = {}
-    for case in cases:
-        case.continuation = ref.greedy(case.input_ids, case.mm_inputs, case.generate, exclude)
-        store[case.name] = ref.logits(case.full_ids, case.mm_inputs)
-        log(f"reference: case {case.name}: {store[case.name].shape[0]} positions")
-    seconds = time.perf_counter() - start
-    del ref
+    with measure("reference", stages) as stats:
+        ref = ReferenceModel.placed(model, device, dtype, offload)
+        track(ref.lm, "reference")
+        stats.note = _placement_note(ref)
+        log(f"reference: {model.source} on {ref.device}"
+            f"{f' ({stats.note})' if stats.note else ''}, {str(dtype).split('.')[-1]}")
+        exclude = (model.multimodal_token_id,) if model.multimodal_token_id is not None else ()
+        with _stage(progress, "reference", len(cases)) as step:
+            for case in cases:
+                case.continuation = ref.greedy(case.input_ids, case.mm_inputs, case.generate,
+                                               exclude)
+                store[case.name] = ref.logits(case.full_ids, case.mm_inputs)
+                if progress is None:
+                    log(f"reference: case {case.name}: {store[case.name].shape[0]} positions")
+                step(case.name)
+        del ref
+        release()
+    log(stats.line())
     return ReferenceLogits(cases, store.__getitem__, "forward", device,
-                           str(dtype).split(".")[-1], seconds, environment())
+                           str(dtype).split(".")[-1], stats.seconds, environment(),
+                           stages)
+
+
+def run_dequantized(target: Target, model: CanonicalModel, reference: ReferenceLogits,
+                    device: str, dtype: torch.dtype, log: Log,
+                    progress: StageProgress | None = None, *, offload: str = "auto",
+                    stages: list[StageStats] | None = None) -> ReferenceLogits:
+    """The dequantized reference of a quantized GGUF target: the reference forward (the
+    source's config and code) on the bundle's dequantized weights, logits of every case kept,
+    model freed (see :mod:`mmconvert.verify.fidelity`)."""
+    from mmconvert.verify.backends.gguf_common import GGUFBundle
+    from mmconvert.verify.fidelity import dequantized_loaders
+    from mmconvert.verify.reference import TorchMultimodalQwen3, plan_placement
+
+    label = f"dequantized {target.label}"
+    store: dict[str, torch.Tensor] = {}
+    with measure(label, stages if stages is not None else []) as stats:
+        tensors = GGUFBundle(target, model).tensors()
+        loaders = dequantized_loaders(tensors, model)
+        nbytes = model.tensors.total_params() * torch.finfo(dtype).bits // 8
+        main, max_memory = plan_placement(nbytes, device, offload)
+        forward = TorchMultimodalQwen3(model.text, model.projectors, model.multimodal_token_id,
+                                       loaders, device=main, dtype=dtype, max_memory=max_memory)
+        track(forward.lm, label)
+        stats.note = _placement_note(forward)
+        with _stage(progress, label, len(reference.cases)) as step:
+            for case in reference.cases:
+                store[case.name] = forward.logits(case.full_ids, case.mm_inputs)
+                step(case.name)
+        del forward
+        release()
+    log(stats.line())
+    return ReferenceLogits(reference.cases, store.__getitem__, label, device,
+                           reference.dtype, stats.seconds)
 
 
 def environment() -> dict[str, Any]:
@@ -184,8 +290,12 @@ def _resolve_output_type(target: Target, tensors: list[BundleTensor],
 class _TensorChecker:
     """Wraps bundle tensors so the first load also compares them with the source."""
 
-    def __init__(self, model: CanonicalModel, log: Log, label: str):
+    def __init__(self, model: CanonicalModel, log: Log, label: str,
+                 imatrix: Imatrix | None = None, imatrix_used: str | None = None):
         self.model = model
+        # the importance weights the bundle was quantized with (``verify --imatrix``); when
+        # the bundle used one that verify was not given, its weighted types cannot be redone
+        self.imatrix, self.imatrix_used = imatrix, imatrix_used
         self.read = _source_reader(model)
         self.diffs: dict[str, TensorDiff] = {}
         self.log, self.label = log, label
@@ -213,8 +323,20 @@ class _TensorChecker:
         if source is None:
             return TensorDiff(bt.name or bt.stored_as, bt.stored_as, bt.dtype, "unexpected",
                               numel=int(array.size))
+        qt = quants.TYPES.get(bt.dtype)
+        weighted = qt is not None and qt.quantized and qt.uses_imatrix
+        weights = None
+        if weighted and self.imatrix is not None and bt.stored_as in self.imatrix.entries:
+            weights = self.imatrix.weights(bt.stored_as)
+            if source.ndim == 3:  # one vector per expert, as llama-quantize passes them
+                weights = weights.reshape(source.shape[0], -1)
+        elif weighted and self.imatrix is None and self.imatrix_used:
+            return TensorDiff(bt.name, bt.stored_as, bt.dtype, "unchecked",
+                              numel=int(array.size),
+                              hint=f"quantized with the importance matrix {self.imatrix_used}; "
+                                   "pass --imatrix FILE to check its bytes")
         diff = compare_tensor(bt.name, bt.stored_as, bt.dtype, array, source,
-                              derived=bt.expect is not None)
+                              derived=bt.expect is not None, imatrix=weights)
         diff.derivation, diff.covers = bt.derivation, bt.covers
         if diff.status == "mismatch":
             diff.hint = explain(diff, array, source, self.model, self.read)
@@ -241,19 +363,66 @@ def _compare_case(case: Case, reference: torch.Tensor, logits: torch.Tensor,
     return compare_logits(reference, logits, len(case.continuation), exclude), None
 
 
+def _run_case(runner, case: Case, reference: ReferenceLogits, model: CanonicalModel,
+              source: ReferenceLogits | None = None) -> tuple[CaseResult, Metrics | None]:
+    """The case against ``reference``; with ``source`` (a quantized target judged against its
+    dequantized reference) also against the source's logits: its quantization loss."""
+    try:
+        logits = runner.logits(case)
+    except Exception as exc:  # a broken bundle may break its runtime: report, go on
+        return CaseResult(case.name, 0, error=f"forward failed: {exc}"), None
+    metrics, error = _compare_case(case, reference.logits(case.name), logits,
+                                   model.multimodal_token_id)
+    loss = None
+    if source is not None and error is None:
+        loss, _ = _compare_case(case, source.logits(case.name), logits,
+                                model.multimodal_token_id)
+    return CaseResult(case.name, logits.shape[0], metrics.summary() if metrics else None,
+                      error, metrics), loss
+
+
 def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLogits,
-                  device: str, dtype: torch.dtype, overrides: list[Override], log: Log
-                  ) -> TargetResult:
+                  device: str, dtype: torch.dtype, overrides: list[Override], log: Log,
+                  progress: StageProgress | None = None, *, offload: str = "auto",
+                  dequantized: ReferenceLogits | None = None,
+                  gates: QualityGates = NO_GATES,
+                  stages: list[StageStats] | None = None,
+                  imatrix: Imatrix | None = None) -> TargetResult:
+    """One target, its model freed before this returns. ``dequantized``: the target is
+    quantized, judge its logits against this (:func:`run_dequantized`) and report its loss
+    against ``reference``."""
     result = TargetResult(target)
     if target.skip:
         result.status, result.reason = "skip", target.skip
         log(f"{target.label} [{target.backend}]: skipped ({target.skip})")
         return result
+    with measure(f"{target.label} [{target.backend}]", stages if stages is not None else []
+                 ) as stats:
+        _verify_target(result, model, reference, device, dtype, overrides, log, progress,
+                       offload, dequantized, gates, stats, imatrix)
+        release()
+    log(stats.line())
+    return result
+
+
+def _verify_target(result: TargetResult, model: CanonicalModel, reference: ReferenceLogits,
+                   device: str, dtype: torch.dtype, overrides: list[Override], log: Log,
+                   progress: StageProgress | None, offload: str,
+                   dequantized: ReferenceLogits | None, gates: QualityGates,
+                   stats: StageStats, imatrix: Imatrix | None = None) -> None:
+    target = result.target
     start = time.perf_counter()
-    checker = _TensorChecker(model, log, f"{target.label} [{target.backend}]")
+    used = ((read_manifest(target.bundle) or {}).get("options") or {}).get("imatrix") \
+        if target.kind == "gguf" else None
+    checker = _TensorChecker(model, log, f"{target.label} [{target.backend}]", imatrix,
+                             Path(str(used)).name if used else None)
     runner = None
+    judge, losses = (dequantized or reference), []
+    if dequantized is not None:
+        result.compared_with = "dequantized"
     try:
         runner = open_runner(target, model)
+        runner.offload = offload
         result.facts = compare_facts(source_facts(model), runner.facts())
         bundle_tensors = [checker.wrap(bt) for bt in runner.tensors()]
         checker.total = len(bundle_tensors)
@@ -263,6 +432,10 @@ def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLog
             f"({target.output_type})")
         try:
             runner.prepare(by_name, device, dtype)
+            holder = runner.holder()
+            if holder is not None:
+                track(holder, f"{target.label} [{target.backend}]")
+            stats.note = runner.placement_note()
         finally:
             for bt in bundle_tensors:  # the ones the forward did not read still get checked
                 if bt.stored_as not in checker.diffs:
@@ -270,19 +443,25 @@ def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLog
         diffs = list(checker.diffs.values()) + checker.missing(bundle_tensors)
         result.tensors_checked = len(diffs)
         result.tensor_diffs = rank(diffs)
-        for case in reference.cases:
-            log(f"{target.label} [{target.backend}]: case {case.name}")
-            try:
-                logits = runner.logits(case)
-            except Exception as exc:  # a broken bundle may break its runtime: report, go on
-                result.cases.append(CaseResult(case.name, 0, error=f"forward failed: {exc}"))
-                continue
-            metrics, error = _compare_case(case, reference.logits(case.name), logits,
-                                           model.multimodal_token_id)
-            result.cases.append(CaseResult(case.name, logits.shape[0],
-                                           metrics.summary() if metrics else None, error,
-                                           metrics))
+        label = f"{target.label} [{target.backend}]"
+        with _stage(progress, label, len(reference.cases)) as step:
+            for case in reference.cases:
+                if progress is None:
+                    log(f"{label}: case {case.name}")
+                case_result, loss = _run_case(runner, case, judge, model,
+                                              reference if dequantized is not None else None)
+                result.cases.append(case_result)
+                if loss is not None:
+                    losses.append(loss)
+                step(case.name)
         result.checks = runner.extra_checks()
+        weighted = [d for d in diffs if d.status == "unchecked" and checker.imatrix_used
+                    and checker.imatrix_used in d.hint]
+        if weighted:
+            result.checks.append(("tensor check", None, (
+                f"{len(weighted)} tensors quantized with the importance matrix "
+                f"{checker.imatrix_used} not compared byte for byte (the logits still are); "
+                "pass --imatrix FILE to compare them")))
     except Exception as exc:  # unreadable bundle file, missing tensor, shape the forward refuses
         if checker.diffs:
             diffs = list(checker.diffs.values())
@@ -294,20 +473,43 @@ def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLog
     finally:
         if runner is not None:
             runner.close()
+        del runner  # the last reference: the model is garbage now (release() collects it)
     parts = [c.raw for c in result.cases if c.raw is not None]
-    result.limits = thresholds_for(target.output_type, overrides, reference.dtype)
+    result.limits = fidelity_limits(target, overrides) if dequantized is not None else \
+        thresholds_for(target.output_type, overrides, reference.dtype)
     if parts:
         overall = aggregate(parts)
         result.overall = overall.summary()
         result.failures = check(result.overall, result.limits)
     elif not result.errors:
         result.errors.append("no case produced logits")
-    result.status = "fail" if result.causes else "pass"
-    result.reason = result.causes[0] if result.causes else ""
+    if losses:
+        result.loss = aggregate(losses).summary()
+        result.loss_gate = gates.failures(result.loss)
+    failed = bool(result.causes) or bool(result.loss_gate)
+    result.status = "fail" if failed else "pass"
+    result.reason = result.causes[0] if result.causes else (
+        "quantization loss above the quality gate: " + "; ".join(result.loss_gate)
+        if result.loss_gate else "")
     result.seconds = time.perf_counter() - start
+    loss = "" if result.loss is None else (
+        f"; quantization loss mean KLD {result.loss['mean_kld']:.3g}, top-1 "
+        f"{100 * result.loss['top1']:.1f}%")
     log(f"{target.label} [{target.backend}]: {result.status.upper()}"
-        + (f" ({result.reason})" if result.reason else ""))
-    return result
+        + (f" ({result.reason})" if result.reason else "") + loss)
+
+
+def fidelity_limits(target: Target, overrides: list[Override]) -> dict[str, float]:
+    """Limits of a quantized target against its dequantized reference; the user's
+    ``--threshold`` overrides for its type (or every type) apply to them."""
+    limits = dict(FIDELITY_LIMITS.get(target.backend, FIDELITY_FALLBACK))
+    for o in overrides:
+        if o.output_type in (None, target.output_type):
+            if o.value is None:
+                limits.pop(o.metric, None)
+            else:
+                limits[o.metric] = o.value
+    return limits
 
 
 # -------------------------------------------------------------------------------------------
@@ -324,8 +526,31 @@ def discover_all(bundles: list[Path], backends: tuple[str, ...], *, trust_code: 
 
 def verify_bundles(model: CanonicalModel, targets: list[Target], reference: ReferenceLogits,
                    content_hash: str, device: str, dtype: torch.dtype,
-                   overrides: list[Override], log: Log) -> VerifyResult:
-    """Verify ``targets`` (from :func:`discover_all`) against the checkpoint's reference."""
-    results = [verify_target(t, model, reference, device, dtype, overrides, log)
-               for t in targets]
-    return VerifyResult(str(model.source), content_hash, reference, results)
+                   overrides: list[Override], log: Log,
+                   progress: StageProgress | None = None, *, offload: str = "auto",
+                   gates: QualityGates = NO_GATES,
+                   imatrix: Imatrix | None = None) -> VerifyResult:
+    """Verify ``targets`` (from :func:`discover_all`) against the checkpoint's reference, one
+    model in memory at a time: for each quantized GGUF file its dequantized reference first
+    (kept as logits, model freed), then its targets. ``imatrix``: the importance matrix a
+    GGUF bundle was quantized with, so its weighted tensors are checked byte for byte too."""
+    stages = list(reference.stages)
+    results = []
+    # logits of each quantized file's dequantized reference, kept while a target still needs them
+    dequantized: dict[tuple[str, ...], ReferenceLogits | None] = {}
+    for index, t in enumerate(targets):
+        key = tuple(str(p) for p in t.files)
+        if not t.skip and is_quantized(t) and key not in dequantized:
+            try:
+                dequantized[key] = run_dequantized(t, model, reference, device, dtype, log,
+                                                   progress, offload=offload, stages=stages)
+            except Exception as exc:  # unreadable file: the target's own run says what is wrong
+                log(f"dequantized {t.label}: not computed ({exc}); judged against the source "
+                    "reference")
+                dequantized[key] = None
+        results.append(verify_target(t, model, reference, device, dtype, overrides, log,
+                                     progress, offload=offload, dequantized=dequantized.get(key),
+                                     gates=gates, stages=stages, imatrix=imatrix))
+        if all(later.files != t.files for later in targets[index + 1:]):
+            dequantized.pop(key, None)
+    return VerifyResult(str(model.source), content_hash, reference, results, stages)

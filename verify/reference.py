@@ -11,11 +11,21 @@ bundle differ only in the numbers, never in the code that runs them.
 Placement: one device (``cpu``, ``cuda``, ``cuda:1``), or accelerate's ``device_map`` when the
 model does not fit on one GPU (:func:`choose_placement`). Tensors are streamed: each is read
 from its file, cast and put on its device one at a time, so the weights never exist twice.
+
+A model larger than the memory left (:func:`plan_placement`, ``--offload``) keeps what fits in
+RAM (and on the GPUs) and leaves the rest on disk where it already lies: accelerate's
+``dispatch_model`` runs those layers through hooks that fetch their weights from
+:class:`SourceWeights` just before each forward and drop them after. :class:`SourceWeights`
+reads each tensor from its source file (the checkpoint's safetensors, or a bundle's GGUF,
+dequantised) through the canonical loaders, so nothing is copied to an offload folder, unlike
+``load_checkpoint_and_dispatch(offload_folder=...)``, which writes every disk-bound weight
+into ``.dat`` files first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -151,6 +161,78 @@ def choose_placement(model_bytes: int, device: str, gpu_free: list[int] | None =
     return f"cuda:{index}", budget
 
 
+OFFLOAD_CHOICES = ("auto", "never", "disk")
+# bytes of RAM a run may use for weights (tests and small machines); default: what the kernel
+# reports available, less MEMORY_MARGIN
+MEMORY_BUDGET_ENV = "MMCONVERT_VERIFY_MEMORY_BUDGET"
+# left free for activations, logits, the stored reference and the interpreter itself
+MEMORY_MARGIN = 2 * 2**30
+
+
+def cpu_budget() -> int:
+    """Bytes of RAM that weights may take (``$MMCONVERT_VERIFY_MEMORY_BUDGET`` when set)."""
+    forced = os.environ.get(MEMORY_BUDGET_ENV)
+    if forced:
+        try:
+            return max(int(float(forced)), 0)
+        except ValueError:
+            from mmconvert.errors import UsageError
+
+            raise UsageError(f"${MEMORY_BUDGET_ENV}={forced[:40]!r}: expected a number of "
+                             "bytes") from None
+    import psutil
+
+    return max(psutil.virtual_memory().available - MEMORY_MARGIN, 0)
+
+
+def plan_placement(model_bytes: int, device: str, offload: str = "auto",
+                   gpu_free: list[int] | None = None
+                   ) -> tuple[str, dict[int | str, int] | None]:
+    """(main device, accelerate ``max_memory`` or None) with the RAM budget applied.
+
+    ``offload``: ``never`` places as :func:`choose_placement` does (a CPU run loads everything
+    into RAM); ``auto`` caps RAM at :func:`cpu_budget`, so what does not fit stays on disk;
+    ``disk`` forces that on a CPU run even when the model fits (at most half in RAM), to
+    exercise or to spare memory.
+    """
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_CHOICES)}")
+    main, max_memory = choose_placement(model_bytes, device, gpu_free)
+    if offload == "never":
+        return main, max_memory
+    budget = cpu_budget()
+    if offload == "disk":
+        budget = min(budget, model_bytes // 2)
+    if max_memory is not None:  # spread over the GPUs already: RAM is the next tier
+        max_memory["cpu"] = min(int(max_memory.get("cpu", budget)), budget)
+        return main, max_memory
+    if main.startswith("cuda") or (model_bytes <= budget and offload != "disk"):
+        return main, None
+    return main, {"cpu": budget}
+
+
+class SourceWeights(Mapping):
+    """Offloaded parameters, read where they lie each time accelerate needs them.
+
+    accelerate's hooks call ``weights[name]`` before a disk-offloaded module runs and drop the
+    tensor after it; each read goes through the model's own loader (a byte-range read of the
+    source file, the rope permutation, a dequantisation), then one cast to the compute dtype.
+    """
+
+    def __init__(self, loaders: Mapping[str, TensorLoader], dtype: torch.dtype):
+        self.loaders = dict(loaders)
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.loaders[name]().to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
+
+
 def canonical_to_neox(name: str, tensor: torch.Tensor, text: TextSpec) -> torch.Tensor:
     """Rows of Q/K (and their per-head norms) from interleaved-pair to rotate-half order.
 
@@ -205,26 +287,33 @@ class TorchMultimodalQwen3:
                 lm, max_memory=max_memory, dtype=dtype,
                 no_split_module_classes=["Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"])
         self.device_map = device_map
+        offloaded: dict[str, TensorLoader] = {}
         if device_map is None:
             state = {n: load().to(device=device, dtype=dtype) for n, load in lm_loaders.items()}
             if tied:
                 state["lm_head.weight"] = state["model.embed_tokens.weight"]
             lm.load_state_dict(state, strict=True, assign=True)
         else:
-            self._load_mapped(lm, lm_loaders, tied)
+            offloaded = self._load_mapped(lm, lm_loaders, tied)
         # non-persistent buffers (rotary inv_freq) were created on meta: rebuild them
         rotary_device = self._device_of("model.rotary_emb")
         lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config).to(rotary_device)
         if device_map is not None:
             from accelerate import dispatch_model
 
-            lm = dispatch_model(lm, device_map=device_map, main_device=self._device_of("lm_head"))
+            # an empty offload index with the weights as state_dict: accelerate reads disk
+            # modules from SourceWeights and never writes an offload folder
+            lm = dispatch_model(lm, device_map=device_map, main_device=self._device_of("lm_head"),
+                                state_dict=SourceWeights(offloaded, dtype) if offloaded else None,
+                                offload_index={} if offloaded else None)
+        self.offloaded = len(offloaded)  # parameters left on disk
         self.lm = lm.eval()
         self.embed_device = self._device_of("model.embed_tokens")
         self.projector_weights = {n: tensors[n]().to(device=self.embed_device, dtype=dtype)
                                   for n in tensors if n.startswith("mm.")}
 
-    def _device_of(self, module: str) -> str:
+    def _placement_of(self, module: str) -> str:
+        """Where accelerate put ``module``: a device, or ``disk``."""
         if self.device_map is None:
             return self.device
         best = max((k for k in self.device_map if k == "" or module == k or
@@ -234,18 +323,32 @@ class TorchMultimodalQwen3:
         where = self.device_map[best]
         return f"cuda:{where}" if isinstance(where, int) else str(where)
 
-    def _load_mapped(self, lm, loaders: Mapping[str, TensorLoader], tied: bool) -> None:
+    def _device_of(self, module: str) -> str:
+        """Where ``module`` computes: a disk-offloaded one on the main device."""
+        where = self._placement_of(module)
+        return self.device if where == "disk" else where
+
+    def _load_mapped(self, lm, loaders: Mapping[str, TensorLoader], tied: bool
+                     ) -> dict[str, TensorLoader]:
+        """Load what accelerate placed on a device; return the loaders of what stays on disk."""
         from accelerate.utils import set_module_tensor_to_device
 
+        loaders = dict(loaders)
+        share = tied and self._placement_of("lm_head") == \
+            self._placement_of("model.embed_tokens") != "disk"
+        if tied and not share:  # tied across devices or on disk: each place reads its own
+            loaders["lm_head.weight"] = loaders["model.embed_tokens.weight"]
+        offloaded: dict[str, TensorLoader] = {}
         for name, load in loaders.items():
-            where = self._device_of(name.rsplit(".", 1)[0])
-            set_module_tensor_to_device(lm, name, where, value=load(), dtype=self.dtype)
-        if tied:
-            if self._device_of("lm_head") == self._device_of("model.embed_tokens"):
-                lm.lm_head.weight = lm.model.embed_tokens.weight
-            else:  # tied across devices: each device needs its own copy
-                set_module_tensor_to_device(lm, "lm_head.weight", self._device_of("lm_head"),
-                                            value=lm.model.embed_tokens.weight.detach().cpu())
+            module = name.rsplit(".", 1)[0]
+            if self._placement_of(module) == "disk":
+                offloaded[name] = load
+                continue
+            set_module_tensor_to_device(lm, name, self._device_of(module), value=load(),
+                                        dtype=self.dtype)
+        if share:
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+        return offloaded
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -334,9 +437,10 @@ class ReferenceModel(TorchMultimodalQwen3):
 
     @classmethod
     def placed(cls, model: CanonicalModel, device: str = "auto",
-               dtype: torch.dtype = torch.float32) -> ReferenceModel:
-        """On ``device`` (``auto``: CUDA when available), spread by accelerate when too big."""
+               dtype: torch.dtype = torch.float32, offload: str = "auto") -> ReferenceModel:
+        """On ``device`` (``auto``: CUDA when available), spread by accelerate when too big,
+        the layers that do not fit in RAM left on disk (:func:`plan_placement`)."""
         device = resolve_device(device)
         nbytes = model.tensors.total_params() * torch.finfo(dtype).bits // 8
-        main, max_memory = choose_placement(nbytes, device)
+        main, max_memory = plan_placement(nbytes, device, offload)
         return cls(model, device=main, dtype=dtype, max_memory=max_memory)

@@ -34,7 +34,34 @@ def fmt(metric: str, value: float | None) -> str:
 
 def _row(t: TargetResult) -> list[str]:
     values = [fmt(m, (t.overall or {}).get(m)) for m, _ in COLUMNS]
-    return [t.target.label, t.target.backend, t.target.output_type, *values, t.status.upper()]
+    return [t.target.label, t.target.backend, t.target.output_type, t.compared_with, *values,
+            t.status.upper()]
+
+
+def loss_line(t: TargetResult) -> str:
+    """A quantized target's loss against the source, beside llama.cpp's published figures."""
+    from mmconvert.verify.fidelity import published
+
+    loss = t.loss or {}
+    text = (f"{t.target.label} [{t.target.backend}] {t.target.output_type}: mean KLD "
+            f"{fmt('mean_kld', loss.get('mean_kld'))}, top-1 {fmt('top1', loss.get('top1'))}, "
+            f"greedy {fmt('greedy', loss.get('greedy'))}")
+    figures = published(t.target.output_type)
+    if figures:  # tests/test_verify_mutations.py pins this wording
+        shown = ", ".join(f"{k} {fmt(k, v) if isinstance(v, float) else v}"
+                          for k, v in figures.items())
+        text += f" (llama.cpp publishes {shown})"
+    return text
+
+
+def verdict(result: VerifyResult) -> str:
+    """The last line: a conversion error, or only quantization loss over the user's gate."""
+    if result.passed:
+        return "PASS: every bundle matches the checkpoint"
+    if any(t.status == "fail" and t.causes for t in result.targets):
+        return "FAIL: at least one bundle differs from the checkpoint"
+    return ("FAIL: quantization loss above the quality gate (--max-kld / --min-top1); the "
+            "bundles are faithful conversions: a less lossy type lowers the loss")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -51,21 +78,39 @@ def terminal_report(result: VerifyResult, max_causes: int = 8) -> str:
     lines = [f"checkpoint {result.checkpoint} (content {result.content_hash[:12]})",
              f"reference: {ref.source} on {ref.device} ({ref.dtype}), {len(ref.cases)} cases, "
              f"~{positions} positions" + (f", {ref.seconds:.1f}s" if ref.seconds else ""), ""]
-    header = ["bundle", "backend", "type", *[label for _, label in COLUMNS], "result"]
+    header = ["bundle", "backend", "type", "vs", *[label for _, label in COLUMNS], "result"]
     lines += _table(header, [_row(t) for t in result.targets])
     lines.append(TOP1_NOTE)
+    if any(t.compared_with == "dequantized" for t in result.targets):
+        lines.append("vs dequantized: a quantized bundle's verdict compares its runtime with the "
+                     "reference forward on the bundle's own dequantized weights (conversion "
+                     "fidelity)")
+    quantized = [t for t in result.targets if t.loss is not None]
+    if quantized:
+        lines += ["", "quantization loss against the source (what the type costs on this model; "
+                  "not a conversion error):"]
+        lines += [f"  {loss_line(t)}" for t in quantized]
     for t in result.targets:
         if t.status == "skip":
             lines.append(f"\n{t.target.label} [{t.target.backend}]: skipped: {t.reason}")
         elif t.status == "fail":
-            lines.append(f"\n{t.target.label} [{t.target.backend}] FAILED:")
             causes = t.causes
-            lines += [f"  - {c}" for c in causes[:max_causes]]
-            if len(causes) > max_causes:
-                lines.append(f"  ... and {len(causes) - max_causes} more (see --report-json)")
+            if causes:
+                lines.append(f"\n{t.target.label} [{t.target.backend}] FAILED:")
+                lines += [f"  - {c}" for c in causes[:max_causes]]
+                if len(causes) > max_causes:
+                    lines.append(f"  ... and {len(causes) - max_causes} more (see "
+                                 "--report-json)")
+            if t.loss_gate:
+                lines.append(f"\n{t.target.label} [{t.target.backend}]: quantization loss "
+                             f"of {t.target.output_type} on this model is above your quality "
+                             f"gate ({'; '.join(t.loss_gate)})"
+                             + ("" if causes else "; the conversion itself is faithful"))
+    if result.stages:
+        lines += ["", "stages (one model in memory at a time):"]
+        lines += [f"  {s.line()}" for s in result.stages]
     lines.append("")
-    lines.append("PASS: every bundle matches the checkpoint" if result.passed else
-                 "FAIL: at least one bundle differs from the checkpoint")
+    lines.append(verdict(result))
     return "\n".join(lines)
 
 
@@ -103,7 +148,10 @@ def to_json(result: VerifyResult) -> dict[str, Any]:
                         "failing": [d.describe() for d in t.tensor_diffs]},
             "checks": [{"name": n, "passed": ok, "message": m} for n, ok, m in t.checks],
             "causes": t.causes, "errors": t.errors, "seconds": round(t.seconds, 3),
+            "compared_with": t.compared_with, "quantization_loss": t.loss,
+            "quality_gate_failures": t.loss_gate,
         } for t in result.targets],
+        "stages": [s.as_dict() for s in result.stages],
     })
 
 
@@ -164,14 +212,17 @@ def write_junit(result: VerifyResult, path: Path) -> None:
 def markdown_summary(result: VerifyResult) -> str:
     """A markdown section: verdict, one row per bundle and backend, thresholds applied."""
     ref = result.reference
+    headline = "✅ All bundles match" if result.passed else "❌ A bundle differs from" \
+        if any(t.causes for t in result.targets) else \
+        "⚠️ Quantization loss above the quality gate against"
     lines = ["### Logit parity (`mmconvert verify`)", "",
-             f"{'✅ All bundles match' if result.passed else '❌ A bundle differs from'} the "
+             f"{headline} the "
              f"source checkpoint (content hash `{result.content_hash[:12]}`) on "
              f"{len(ref.cases)} cases ({', '.join(c.name for c in ref.cases)}); reference "
              f"computed in {ref.dtype} on {ref.device}.", "",
-             "| bundle | backend | type | "
+             "| bundle | backend | type | vs | "
              + " | ".join(label.replace("|", "\\|") for _, label in COLUMNS) + " | result |",
-             "|---|---|---|" + "---:|" * len(COLUMNS) + "---|"]
+             "|---|---|---|---|" + "---:|" * len(COLUMNS) + "---|"]
     for t in result.targets:
         row = _row(t)
         row[-1] = {"PASS": "pass", "FAIL": "**FAIL**", "SKIP": "skipped"}[row[-1]]

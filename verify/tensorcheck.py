@@ -98,7 +98,8 @@ class TensorDiff:
             text = f"{where}: {self.hint or 'shape differs'}"
             return text
         elif self.status == "unchecked":
-            text = f"{where}: {self.dtype} has no error bound here; not compared"
+            text = f"{where}: {self.dtype} " + ("not compared" if self.hint else
+                                                "has no error bound here; not compared")
         else:
             text = (f"{where} [{self.dtype}]: {self.bad} of {self.numel} values off "
                     f"(max |Δ| {self.max_abs:.3g}, {relative_text(self.rel)})")
@@ -159,7 +160,7 @@ def requantize(source: np.ndarray, dtype: str,
 
 def _requantized_mask(bundle: np.ndarray, source: np.ndarray, dtype: str, derived: bool,
                       imatrix: np.ndarray | None) -> np.ndarray | None:
-    block = requantized_type(dtype)
+    block = quants.TYPES[dtype].block_size
     cols = source.shape[-1] if source.ndim else 0
     if not cols or cols % block:
         return None
@@ -181,9 +182,10 @@ def _bad_mask(bundle: np.ndarray, source: np.ndarray, dtype: str,
     ``derived``: ``source`` was recomputed here (e.g. a fold's matrix product), and another
     machine's BLAS may sum in another order, so the stored value may sit one rounding step of
     ``dtype`` away from our correctly rounded one; anything further off is a bug.
-    ``imatrix``: for the types quantized again, the importance weights the bundle used.
+    ``imatrix``: the importance weights the bundle used; the type is then quantized again.
     """
-    if requantized_type(dtype):
+    if requantized_type(dtype) or (imatrix is not None and dtype in QUANT_BOUNDS):
+        # a weighted 32-value type searched its scale: the closed-form bound does not hold
         return _requantized_mask(bundle, source, dtype, derived, imatrix)
     if dtype in EXACT_TYPES:
         want = expected_exact(source, dtype)

@@ -70,6 +70,10 @@ class BundleTensor:
 class Runner:
     """What a backend provides for one target. Subclasses fill in the four methods."""
 
+    # auto | never | disk: what may stay on disk when the model does not fit in RAM
+    # (mmconvert.verify.reference.plan_placement); set by the harness before prepare()
+    offload: str = "auto"
+
     def __init__(self, target: Target, model: CanonicalModel):
         self.target = target
         self.model = model
@@ -94,8 +98,17 @@ class Runner:
         """Further (name, passed or None when skipped, message) checks, e.g. tokenizer parity."""
         return []
 
+    def holder(self) -> object | None:
+        """The object that owns the loaded model (after :meth:`prepare`): verify watches it
+        being freed before the next model loads (:mod:`mmconvert.verify.stages`)."""
+        return None
+
+    def placement_note(self) -> str:
+        """How the model was placed, when not plainly on one device (offload, spread)."""
+        return ""
+
     def close(self) -> None:
-        pass
+        """Drop the model: after this, nothing of the runner keeps its memory alive."""
 
 
 BackendFactory = Callable[[Target, CanonicalModel], Runner]

@@ -20,6 +20,7 @@ from mmconvert.convert.model import CanonicalModel, ProjectorLayer, ProjectorSpe
 from mmconvert.convert.rope import undo_neox_fixup
 from mmconvert.errors import ProjectorFileError
 from mmconvert.formats.gguf_constants import (
+    MIXTURE_BASE,
     PRECISION_ORDER,
     PROJECTOR_ACTIVATED_KINDS,
     PROJECTOR_ARCH,
@@ -27,6 +28,7 @@ from mmconvert.formats.gguf_constants import (
     TEXT_MOE_ARCH,
     Keys,
     file_type_name,
+    precision_rank,
 )
 from mmconvert.formats.gguf_projector import ModalitySpec, read_projector_spec
 from mmconvert.formats.gguf_reader import GGUFReader
@@ -39,9 +41,10 @@ SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 def combined_type(*types: str) -> str:
     """The least precise of ``types``: a target is held to the thresholds of its lossiest file
-    (an F32 text GGUF with an F16 projector rounds the projected rows to F16 precision)."""
-    known = [t for t in types if t in PRECISION_ORDER]
-    return max(known, key=PRECISION_ORDER.index) if known else types[0]
+    (an F32 text GGUF with an F16 projector rounds the projected rows to F16 precision). A
+    K-quant mixture (``Q4_K_M``) ranks as its base type, the least precise in it."""
+    known = [t for t in types if precision_rank(t) < len(PRECISION_ORDER)]
+    return max(known, key=precision_rank) if known else types[0]
 
 
 class GGUFFile:
@@ -90,7 +93,7 @@ def output_type(text: GGUFFile) -> str:
     """The file's quantization: ``general.file_type``, else its most common 2-D type."""
     ftype = text.value(Keys.General.FILE_TYPE)
     name = file_type_name(ftype) if ftype is not None else None
-    if name in PRECISION_ORDER:  # a type mmconvert writes
+    if name in PRECISION_ORDER or name in MIXTURE_BASE:  # a type or mixture mmconvert writes
         return name
     counts: dict[str, int] = {}
     for t in text.tensors.values():

@@ -84,6 +84,9 @@ class LlamaRunner(Runner):
         return [self.bundle.vocab_check(), tokenizer_parity(source, self.model),
                 eog_check(source, self.model)]
 
+    def holder(self) -> object | None:
+        return self.process  # the worker holding the model; closed, it is gone
+
     def close(self) -> None:
         if self.process is not None:
             self.process.close()

@@ -11,7 +11,7 @@ import torch
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.verify.backends import BundleTensor, Runner, Target, register
 from mmconvert.verify.backends.gguf_common import GGUFBundle, gguf_targets
-from mmconvert.verify.backends.torch_forward import build_forward, case_logits
+from mmconvert.verify.backends.torch_forward import build_forward, case_logits, placement_note
 from mmconvert.verify.cases import Case
 
 
@@ -30,13 +30,22 @@ class GGUFTorchRunner(Runner):
     def prepare(self, tensors: dict[str, BundleTensor], device: str, dtype: torch.dtype) -> None:
         self.forward = build_forward(self.bundle.text_spec, self.bundle.projector_specs,
                                      self.bundle.placeholder_id, tensors, device, dtype,
-                                     self.model.text.rope_layout)
+                                     self.model.text.rope_layout, self.offload)
 
     def logits(self, case: Case) -> torch.Tensor:
         return case_logits(self.forward, case)
 
     def extra_checks(self) -> list[tuple[str, bool | None, str]]:
         return [self.bundle.vocab_check()]
+
+    def holder(self) -> object | None:
+        return None if self.forward is None else self.forward.lm
+
+    def placement_note(self) -> str:
+        return placement_note(self.forward)
+
+    def close(self) -> None:
+        self.forward = None
 
 
 register("gguf", "gguf_torch", gguf_targets("gguf_torch"), GGUFTorchRunner)

@@ -18,6 +18,9 @@ import torch
 from mmconvert.convert.model import LAYER_KINDS, CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
 from mmconvert.convert.rope import undo_neox_fixup
+from mmconvert.errors import CheckpointError
+from mmconvert.formats.safe_paths import resolve_inside
+from mmconvert.formats.safetensors_io import SafetensorsEntry, read_safetensors_header
 from mmconvert.verify.backends import (
     BundleError,
     BundleTensor,
@@ -35,7 +38,7 @@ from mmconvert.verify.backends.safetensors import (
 from mmconvert.verify.cases import Case
 from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import TEXT_KEYS, projector_facts
-from mmconvert.verify.reference import choose_placement
+from mmconvert.verify.reference import plan_placement
 
 
 def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, ProjectorSpec]:
@@ -67,6 +70,35 @@ def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, Pro
     return specs
 
 
+def projector_file(folder: Path, mm: dict[str, Any]) -> Path | None:
+    """The projector weights ``multimodal_config.weights`` names (``multimodal_projector/
+    model.safetensors``; older bundles kept it at the root), when it is a file of the bundle."""
+    rel = mm.get("weights")
+    if not isinstance(rel, str) or not rel:
+        return None
+    resolve_inside(folder, rel)  # refuses a path leading out of the bundle
+    path = folder / rel
+    return path if path.is_file() else None
+
+
+def hf_entries(folder: Path, mm: dict[str, Any]) -> dict[str, SafetensorsEntry]:
+    """The tensors transformers loads: the language model's shards at the root and the
+    projector file in its subfolder (headers only)."""
+    entries = safetensors_entries(folder)
+    path = projector_file(folder, mm)
+    if path is None or path.parent == folder:  # at the root: among the shards already
+        return entries
+    try:
+        found, _ = read_safetensors_header(path)
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from exc
+    for name, entry in found.items():
+        if name in entries:
+            raise BundleError(f"{path}: tensor {name!r} also in {entries[name].path.name}")
+        entries[name] = entry
+    return entries
+
+
 class HFRunner(Runner):
     def __init__(self, target: Target, model: CanonicalModel):
         super().__init__(target, model)
@@ -79,8 +111,9 @@ class HFRunner(Runner):
             raise BundleError(f"{self.folder}/config.json: no multimodal_config")
         gen = self.folder / "generation_config.json"
         self.generation = load_json(gen, "generation config") if gen.is_file() else {}
-        self.entries = safetensors_entries(self.folder)
+        self.entries = hf_entries(self.folder, self.mm)
         self.hf_model = None
+        self._offload_dir = None
         self.loading: dict[str, list[str]] = {"missing_keys": [], "unexpected_keys": []}
 
     def facts(self) -> dict[str, Any]:
@@ -131,13 +164,18 @@ class HFRunner(Runner):
 
         hf_logging.disable_progress_bar()  # verify prints its own progress
         nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
-        main, max_memory = choose_placement(nbytes, device)
+        main, max_memory = plan_placement(nbytes, device, self.offload)
         kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": dtype,
                                   "local_files_only": True}
-        if main != "cpu":
+        if main != "cpu" or max_memory:
             kwargs["device_map"] = "auto" if max_memory else {"": main}
-            if max_memory:
-                kwargs["max_memory"] = max_memory
+        if max_memory:
+            # what does not fit stays on disk; transformers wants a folder for any weight it
+            # cannot read back from the bundle's safetensors as they are
+            import tempfile
+
+            self._offload_dir = tempfile.TemporaryDirectory(prefix="mmconvert-verify-")
+            kwargs.update(max_memory=max_memory, offload_folder=self._offload_dir.name)
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report is ours to give (extra_checks)
         try:
@@ -177,8 +215,19 @@ class HFRunner(Runner):
             checks.append(("transformers loading", True, "every tensor loaded, none missing"))
         return checks
 
+    def holder(self) -> object | None:
+        return self.hf_model
+
+    def placement_note(self) -> str:
+        placed = getattr(self.hf_model, "hf_device_map", None) or {}
+        on_disk = sum(1 for where in placed.values() if where == "disk")
+        return f"{on_disk} modules offloaded to disk by transformers" if on_disk else ""
+
     def close(self) -> None:
         self.hf_model = None
+        if self._offload_dir is not None:
+            self._offload_dir.cleanup()
+            self._offload_dir = None
 
 
 def hf_targets(bundle: Path, manifest: dict) -> list[Target]:
@@ -186,8 +235,10 @@ def hf_targets(bundle: Path, manifest: dict) -> list[Target]:
         if (bundle / "config.json").is_file() else {}
     if "auto_map" not in config:
         raise BundleError(f"{bundle}: config.json has no auto_map (no remote code to run)")
-    return [Target(bundle, "hf", "hf", f"{bundle.name} (hf)", "auto",
-                   sorted(bundle.glob("*.safetensors")), {"manifest": manifest})]
+    projector = projector_file(bundle, config.get("multimodal_config") or {})
+    files = sorted({*bundle.glob("*.safetensors"), *([projector] if projector else [])})
+    return [Target(bundle, "hf", "hf", f"{bundle.name} (hf)", "auto", files,
+                   {"manifest": manifest})]
 
 
 register("hf", "hf", hf_targets, HFRunner)

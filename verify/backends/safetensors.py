@@ -24,7 +24,7 @@ from mmconvert.verify.backends import (
     register,
 )
 from mmconvert.verify.backends.pieces import canonical_view
-from mmconvert.verify.backends.torch_forward import build_forward, case_logits
+from mmconvert.verify.backends.torch_forward import build_forward, case_logits, placement_note
 from mmconvert.verify.cases import Case
 from mmconvert.verify.facts import projector_facts
 
@@ -159,13 +159,22 @@ class SafetensorsRunner(Runner):
         projectors = self.projectors or self.model.projectors
         placeholder = self.manifest.get("multimodal_token_id", self.model.multimodal_token_id)
         self.forward = build_forward(text, projectors, placeholder, tensors, device, dtype,
-                                     self.model.text.rope_layout)
+                                     self.model.text.rope_layout, self.offload)
 
     def logits(self, case: Case) -> torch.Tensor:
         return case_logits(self.forward, case)
 
     def extra_checks(self) -> list[tuple[str, bool | None, str]]:
         return [tokenizer_file_check(self.folder, self.model)]
+
+    def holder(self) -> object | None:
+        return None if self.forward is None else self.forward.lm
+
+    def placement_note(self) -> str:
+        return placement_note(self.forward)
+
+    def close(self) -> None:
+        self.forward = None
 
 
 def safetensors_targets(bundle: Path, manifest: dict) -> list[Target]:

@@ -16,15 +16,18 @@ from mmconvert.verify.cases import Case
 from mmconvert.verify.reference import (
     TorchMultimodalQwen3,
     canonical_to_neox,
-    choose_placement,
+    plan_placement,
 )
 
 
 def build_forward(text: TextSpec, projectors: dict[str, ProjectorSpec],
                   placeholder_id: int | None, tensors: dict[str, BundleTensor], device: str,
-                  dtype: torch.dtype, rope_layout: str = "neox") -> TorchMultimodalQwen3:
+                  dtype: torch.dtype, rope_layout: str = "neox", offload: str = "auto"
+                  ) -> TorchMultimodalQwen3:
     """``tensors`` are in the canonical layout, i.e. the source's rope layout: an interleaved
-    source is permuted to rotate-half here exactly as the reference does."""
+    source is permuted to rotate-half here exactly as the reference does. A model larger than
+    the RAM left keeps its last layers on disk, each read (and dequantised) from the bundle's
+    file when it runs, layer by layer (``offload``, see :func:`plan_placement`)."""
 
     def loader(bt: BundleTensor):
         def load() -> torch.Tensor:
@@ -37,10 +40,18 @@ def build_forward(text: TextSpec, projectors: dict[str, ProjectorSpec],
 
     loaders = {name: loader(bt) for name, bt in tensors.items() if name}
     nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
-    main, max_memory = choose_placement(nbytes, device)
+    main, max_memory = plan_placement(nbytes, device, offload)
     return TorchMultimodalQwen3(text, projectors, placeholder_id, loaders, device=main,
                                 dtype=dtype, max_memory=max_memory)
 
 
 def case_logits(forward: TorchMultimodalQwen3, case: Case) -> torch.Tensor:
     return forward.logits(case.full_ids, case.mm_inputs)
+
+
+def placement_note(forward: TorchMultimodalQwen3 | None) -> str:
+    if forward is None or not forward.device_map:
+        return ""
+    if forward.offloaded:
+        return f"{forward.offloaded} tensors left on disk, read from the bundle per forward"
+    return "accelerate device_map"
