@@ -21,21 +21,13 @@ import importlib
 import numpy as np
 
 from mmconvert.formats.gguf_constants import GGMLQuantizationType
-from mmconvert.formats.quants import GGMLType, _f16_column
+from mmconvert.formats.quants import GGMLType, _f16_column, run_block_kernel
 
 _F32 = np.float32
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
                           1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 _VALUES = KVALUES_IQ4NL.astype(_F32)  # multiplied as floats, as in C
 _jit = functools.cache(lambda: importlib.import_module("mmconvert.formats.iquants_jit"))
-
-def _run(kernel, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None) -> None:
-    x = np.ascontiguousarray(x, dtype=_F32)
-    if weights is None:
-        kernel(x, out, x, False)
-    else:
-        kernel(x, out, np.ascontiguousarray(weights, dtype=_F32).reshape(x.shape), True)
-
 
 def _unpack_values(qs: np.ndarray) -> np.ndarray:
     """(k, 16 * m) nibble bytes -> (k, 32 * m) table values (float32), ggml's order."""
@@ -50,7 +42,7 @@ class IQ4_NL(GGMLType, qtype=GGMLQuantizationType.IQ4_NL):
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
-        _run(_jit()._iq4_nl_blocks, x, out, weights)
+        run_block_kernel(_jit()._iq4_nl_blocks, x, out, weights)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
@@ -63,7 +55,7 @@ class IQ4_XS(GGMLType, qtype=GGMLQuantizationType.IQ4_XS):
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
-        _run(_jit()._iq4_xs_blocks, x, out, weights)
+        run_block_kernel(_jit()._iq4_xs_blocks, x, out, weights)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:

@@ -23,21 +23,13 @@ import importlib
 import numpy as np
 
 from mmconvert.formats.gguf_constants import GGMLQuantizationType
-from mmconvert.formats.quants import GGMLType, _f16_column
+from mmconvert.formats.quants import GGMLType, _f16_column, run_block_kernel
 
 _F32 = np.float32
 _QK = 256
 _jit = functools.cache(lambda: importlib.import_module("mmconvert.formats.kquants_low_jit"))
 
 # --- classes --------------------------------------------------------------------------------
-
-def _run(kernel, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None) -> None:
-    x = np.ascontiguousarray(x, dtype=_F32)
-    if weights is None:
-        kernel(x, out, x, False)
-    else:
-        kernel(x, out, np.ascontiguousarray(weights, dtype=_F32).reshape(x.shape), True)
-
 
 _VALUE = np.arange(_QK)
 _QS_BYTE = 32 * (_VALUE // 128) + _VALUE % 32  # where level i's low 2 bits live
@@ -59,7 +51,7 @@ class Q2_K(GGMLType, qtype=GGMLQuantizationType.Q2_K):
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
-        _run(_jit()._q2_k_blocks, x, out, weights)
+        run_block_kernel(_jit()._q2_k_blocks, x, out, weights)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:
@@ -82,7 +74,7 @@ class Q3_K(GGMLType, qtype=GGMLQuantizationType.Q3_K):
 
     @classmethod
     def encode_blocks(cls, x: np.ndarray, out: np.ndarray, weights: np.ndarray | None = None) -> None:
-        _run(_jit()._q3_k_blocks, x, out, weights)
+        run_block_kernel(_jit()._q3_k_blocks, x, out, weights)
 
     @classmethod
     def decode_blocks(cls, data: np.ndarray) -> np.ndarray:

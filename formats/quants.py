@@ -105,6 +105,17 @@ def _f16_column(data: np.ndarray, col: int) -> np.ndarray:
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
+def run_block_kernel(kernel: Callable, x: np.ndarray, out: np.ndarray,
+                     weights: np.ndarray | None) -> None:
+    """Call a numba block kernel ``kernel(x, out, weights, use_weights)``: one compiled
+    signature for both paths (without importance weights, ``x`` stands in for them)."""
+    x = np.ascontiguousarray(x, dtype=_F32)
+    if weights is None:
+        kernel(x, out, x, False)
+    else:
+        kernel(x, out, np.ascontiguousarray(weights, dtype=_F32).reshape(x.shape), True)
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """(k, 32) uint8 -> (k, 16): byte j holds q[j] low and q[j + 16] high (ggml's layout).
     Eight bytes at a time as uint64 columns: per-block (k, 16) ufunc calls are several times
