@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from mmconvert.cli import user_errors
-from mmconvert.commands.options import echo_err, echo_warning, source_options
+from mmconvert.commands.options import echo_err, echo_warning, source_options, stderr_bar
 
 
 @click.command("imatrix")
@@ -128,10 +128,7 @@ class _Bar:
         self._bar = None
 
     def start(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self._bar = tqdm(total=total, desc="imatrix", unit="chunk", leave=False,
-                         file=sys.stderr, dynamic_ncols=True)
+        self._bar = stderr_bar(total, "imatrix", "chunk")
 
     def update(self, n: int) -> None:
         if self._bar is not None:

@@ -100,6 +100,23 @@ def quantize_options(fn: Callable) -> Callable:
     return wrapper
 
 
+def stderr_bar(total: int, desc: str, unit: str, **options: Any) -> Any:
+    """A tqdm bar on stderr that clears its line when closed; the commands open one only on a
+    terminal."""
+    from tqdm import tqdm  # only here: importing it costs the commands' start-up
+
+    try:
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        columns = lines = 0
+    # a terminal that reports no size (`script` without one, some CI runners) would get
+    # no bar from tqdm at all: give it 80 columns; else follow resizes
+    size = ({"dynamic_ncols": True} if columns > 0 and lines > 0
+            else {"ncols": columns if columns > 0 else 80, "nrows": 20})
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, **size,
+                **options)
+
+
 class ByteBar:
     """A tqdm bar over the bytes an export writes, as the API's ``progress`` factory: called with
     the total it opens the bar and returns its ``update``; the bar closes (and clears its line)
@@ -111,19 +128,8 @@ class ByteBar:
         self._lock = threading.Lock()
 
     def __call__(self, total: int) -> Callable[[int], None]:
-        from tqdm import tqdm  # only here: importing it costs the commands' start-up
-
-        try:
-            columns, lines = os.get_terminal_size(sys.stderr.fileno())
-        except (OSError, ValueError):
-            columns = lines = 0
-        # a terminal that reports no size (`script` without one, some CI runners) would get
-        # no bar from tqdm at all: give it 80 columns; else follow resizes
-        size = ({"dynamic_ncols": True} if columns > 0 and lines > 0
-                else {"ncols": columns if columns > 0 else 80, "nrows": 20})
         self.close()
-        self._bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True,
-                         unit_divisor=1024, leave=False, file=sys.stderr, **size)
+        self._bar = stderr_bar(total, self.desc, "B", unit_scale=True, unit_divisor=1024)
         return self.update
 
     def update(self, n: int) -> None:

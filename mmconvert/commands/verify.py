@@ -3,7 +3,6 @@ the terminal report and the exit code over :func:`mmconvert.api.verify`)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import click
 
 from mmconvert.api import BACKENDS
 from mmconvert.cli import user_errors
-from mmconvert.commands.options import echo_err, source_options
+from mmconvert.commands.options import echo_err, source_options, stderr_bar
 
 
 class CaseBars:
@@ -24,18 +23,8 @@ class CaseBars:
         self._bar: Any = None
 
     def start(self, stage: str, total: int) -> None:
-        from tqdm import tqdm  # only here: importing it costs the command's start-up
-
-        try:
-            columns, lines = os.get_terminal_size(sys.stderr.fileno())
-        except (OSError, ValueError):
-            columns = lines = 0
-        # as the converting commands' bar: a terminal that reports no size gets 80 columns
-        size = ({"dynamic_ncols": True} if columns > 0 and lines > 0
-                else {"ncols": columns if columns > 0 else 80, "nrows": 20})
         self.end()
-        self._bar = tqdm(total=total, desc=stage, unit="case", leave=False, file=sys.stderr,
-                         **size)
+        self._bar = stderr_bar(total, stage, "case")
 
     def step(self, item: str) -> None:
         if self._bar is not None:
