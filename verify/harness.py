@@ -37,7 +37,6 @@ import torch
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.errors import MMConvertError
 from mmconvert.formats import quants
-from mmconvert.formats.bundle import read_manifest
 from mmconvert.formats.dtypes import FLOAT_DTYPES, to_float32
 from mmconvert.formats.imatrix import Imatrix
 from mmconvert.verify.backends import BundleTensor, Target, discover, open_runner
@@ -412,8 +411,8 @@ def _verify_target(result: TargetResult, model: CanonicalModel, reference: Refer
                    stats: StageStats, imatrix: Imatrix | None = None) -> None:
     target = result.target
     start = time.perf_counter()
-    used = ((read_manifest(target.bundle) or {}).get("options") or {}).get("imatrix") \
-        if target.kind == "gguf" else None
+    # the manifest the GGUF backends' discovery already read
+    used = ((target.options.get("manifest") or {}).get("options") or {}).get("imatrix")
     checker = _TensorChecker(model, log, f"{target.label} [{target.backend}]", imatrix,
                              Path(str(used)).name if used else None)
     runner = None

@@ -18,9 +18,8 @@ import torch
 from mmconvert.convert.model import LAYER_KINDS, CanonicalModel, ProjectorLayer, ProjectorSpec
 from mmconvert.convert.readers.common import load_json, text_spec_from_config
 from mmconvert.convert.rope import undo_neox_fixup
-from mmconvert.errors import CheckpointError
 from mmconvert.formats.safe_paths import resolve_inside
-from mmconvert.formats.safetensors_io import SafetensorsEntry, read_safetensors_header
+from mmconvert.formats.safetensors_io import SafetensorsEntry
 from mmconvert.verify.backends import (
     BundleError,
     BundleTensor,
@@ -84,19 +83,9 @@ def projector_file(folder: Path, mm: dict[str, Any]) -> Path | None:
 def hf_entries(folder: Path, mm: dict[str, Any]) -> dict[str, SafetensorsEntry]:
     """The tensors transformers loads: the language model's shards at the root and the
     projector file in its subfolder (headers only)."""
-    entries = safetensors_entries(folder)
     path = projector_file(folder, mm)
-    if path is None or path.parent == folder:  # at the root: among the shards already
-        return entries
-    try:
-        found, _ = read_safetensors_header(path)
-    except CheckpointError as exc:
-        raise BundleError(str(exc)) from exc
-    for name, entry in found.items():
-        if name in entries:
-            raise BundleError(f"{path}: tensor {name!r} also in {entries[name].path.name}")
-        entries[name] = entry
-    return entries
+    at_root = path is None or path.parent == folder  # then among the shards already
+    return safetensors_entries(folder, () if at_root else (path,))
 
 
 class HFRunner(Runner):

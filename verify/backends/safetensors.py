@@ -4,6 +4,7 @@ then the forward pass on the bundle's own tensors and config."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,11 @@ from mmconvert.verify.cases import Case
 from mmconvert.verify.facts import projector_facts
 
 
-def safetensors_entries(folder: Path) -> dict[str, SafetensorsEntry]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (headers only)."""
+def safetensors_entries(folder: Path, extra: Sequence[Path] = ()) -> dict[str, SafetensorsEntry]:
+    """Every tensor of every ``*.safetensors`` file in ``folder``, then of the ``extra`` files
+    (headers only); a name in two files is a :class:`BundleError`."""
     entries: dict[str, SafetensorsEntry] = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in [*sorted(folder.glob("*.safetensors")), *extra]:
         try:
             found, _ = read_safetensors_header(path)
         except CheckpointError as exc:
