@@ -13,6 +13,7 @@ and ``mmproj-<Name>-<QUANT>.gguf``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -211,9 +212,10 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     if missing:  # before OUT is touched: a refusal writes nothing
         raise UnsupportedError(f"--outtype {', '.join(job_outtypes(job, missing))} needs the "
                                f"{', '.join(missing)} kernel(s), which this mmconvert lacks")
-    sources = SourceHashes(manifest_sources(model), model.tensors.refs()) if checksums else None
     digests: dict[str, str] | None = {} if checksums else None
-    with BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
+    with (SourceHashes(manifest_sources(model), model.tensors.refs()) if checksums
+          else contextlib.nullcontext()) as sources, \
+            BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
         for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
             if log is not None:
                 log(note)

@@ -49,9 +49,9 @@ def export_hf(model: CanonicalModel, out: Path, *, dtype: str = "auto",
     language model and the projector)."""
     out = Path(out)
     lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
-    sources = SourceHashes(manifest_sources(model), model.tensors.refs())  # fed by the reads
     digests: dict[str, str] = {}
-    with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
+    with SourceHashes(manifest_sources(model), model.tensors.refs()) as sources, \
+            BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:  # hashes fed by the reads
         report = (progress(data_bytes(lm_plan.tensors) + data_bytes(projector_plan.tensors))
                   if progress else None)
         files = write_safetensors(tmp, lm_plan.tensors, max_shard_bytes=max_shard_bytes,

@@ -30,9 +30,9 @@ def export_safetensors(model: CanonicalModel, out: Path, *, naming: str = "sourc
     user named besides the model, which OUT may not overlap (see :class:`BundleDir`);
     ``progress`` as in :func:`~mmconvert.convert.export_gguf.export_gguf`."""
     plan = plan_safetensors(model, naming, dtype)
-    sources = SourceHashes(manifest_sources(model), model.tensors.refs())  # fed by the reads
     digests: dict[str, str] = {}
-    with BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:
+    with SourceHashes(manifest_sources(model), model.tensors.refs()) as sources, \
+            BundleDir(out, force, [*inputs, *model_inputs(model)]) as tmp:  # hashes fed by the reads
         report = progress(data_bytes(plan.tensors)) if progress else None
         files = write_safetensors(tmp, plan.tensors, max_shard_bytes=max_shard_bytes,
                                   progress=report, digests=digests)

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 import hashlib
 import json
 import os
@@ -311,7 +310,7 @@ def _register(tap: SourceTap, add: bool) -> None:
 class SourceHashes:
     """sha256 of a conversion's sources, from the bytes the conversion reads anyway.
 
-    Created before the writing, :meth:`result` after it. Cached files (see
+    Used as a context manager around the writing, :meth:`result` after it. Cached files (see
     :func:`sha256_sources`) are not read at all. Safetensors files get a :class:`SourceTap`, fed
     by the writers' reads (one pass over each file for both); ``reads``, the tensor sources the
     conversion will read (default: all of them), tells the taps which tensors to read
@@ -364,16 +363,23 @@ class SourceHashes:
         return hashes
 
     def close(self) -> None:
-        """Stop observing reads (:meth:`result` does it; call it when giving up early)."""
+        """Stop observing reads and close the files (:meth:`result` does it; leaving the
+        ``with`` block does it too, for a conversion that fails before asking for the result).
+
+        Never from ``__del__``: the garbage collector can run a finalizer on any thread at any
+        allocation, including inside ``with _lock`` in :func:`sha256_sources`, and
+        :func:`_register` taking that lock again there deadlocked a test run."""
         for tap in self._taps.values():
             _register(tap, False)
             tap.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
-    def __del__(self) -> None:  # a conversion that failed never calls result()
-        with contextlib.suppress(Exception):  # e.g. at interpreter shutdown
-            self.close()
+    def __enter__(self) -> SourceHashes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def sha256_following(fd: int, size: int, regions: Sequence[tuple[int, Future]]) -> str:

@@ -10,10 +10,12 @@ conversion and once more for its hash.
 from __future__ import annotations
 
 import builtins
+import gc
 import hashlib
 import io
 import json
 import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -225,3 +227,59 @@ def test_cached_sources_are_not_read(tmp_path, monkeypatch):
     second = hashing.SourceHashes([path], refs)
     assert not hashing._TAPS  # a cache hit needs no tap
     assert second.result() == {str(path): _sha(path)}
+
+
+@pytest.mark.parametrize("command", ["to-gguf", "to-hf", "to-safetensors"])
+def test_a_refused_conversion_leaves_no_tap_behind(tmp_path, monkeypatch, command):
+    """A conversion that fails mid-write (here --strict on a NaN) closes its taps on the way
+    out, not whenever the garbage collector gets to it: a tap left registered keeps its file
+    open and observes the next conversion's reads."""
+    from click.testing import CliRunner
+
+    from mmconvert.cli import main
+
+    monkeypatch.setenv("MMCONVERT_NO_HASH_CACHE", "1")
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(base_dir=tmp_path / "base"))
+    weights = ckpt / "model.safetensors"
+    entries, _ = read_safetensors_header(weights)
+    entry = entries["language_model.model.norm.weight"]
+    with open(weights, "r+b") as f:  # one NaN in a tensor every output holds
+        f.seek(entry.offset)
+        f.write({"F32": b"\x00\x00\xc0\x7f", "BF16": b"\xc0\x7f", "F16": b"\x00\x7e"}[entry.dtype])
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # only a deterministic close may count
+    try:
+        result = CliRunner().invoke(main, [command, str(ckpt), "-o", str(tmp_path / "out"),
+                                           "--strict"])
+        assert result.exit_code == 2, result.output
+        assert not hashing._TAPS
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def test_no_finalizer_takes_the_hash_lock(tmp_path):
+    """The collector may free an unclosed SourceHashes inside ``with _lock`` (an allocation
+    in sha256_sources): nothing it runs there may take that lock again. Checked on a thread
+    so that a regression fails here instead of hanging the suite."""
+    path = tmp_path / "a.safetensors"
+    _write_file(path, {"w": np.ones((8, 8), np.float32)})
+
+    def leak() -> None:
+        sources = hashing.SourceHashes([path])
+        cycle: list = [sources]
+        cycle.append(cycle)  # only the cycle collector frees it
+
+    def collect_under_lock() -> None:
+        leak()
+        with hashing._lock:
+            gc.collect()
+
+    worker = threading.Thread(target=collect_under_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "a finalizer deadlocked on formats.hashing._lock"
+    for taps in list(hashing._TAPS.values()):  # the tap leaked on purpose: close it here
+        for tap in taps:
+            hashing._register(tap, False)
+            tap.close()
