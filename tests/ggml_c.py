@@ -93,3 +93,85 @@ def libggml() -> LibGGML:
     if lib is None:
         pytest.skip("llama-cpp-python (with libggml-base.so) is not installed: make install-llama")
     return lib
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU backend: how its matmuls convert their inputs
+
+
+class _CpuTraits(ctypes.Structure):  # struct ggml_type_traits_cpu (ggml-cpu.h)
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+
+class _Traits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+class LibGGMLCpu:
+    """``libggml-cpu.so``: the type each weight type's matmul converts its input to
+    (``vec_dot_type``) and the converter itself (``from_float``, what a matmul runs)."""
+
+    def __init__(self, cpu_path: Path, base: LibGGML) -> None:
+        lib = ctypes.CDLL(str(cpu_path))
+        lib.ggml_cpu_init.restype = None
+        lib.ggml_cpu_init()  # the F16 tables
+        lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_CpuTraits)
+        lib.ggml_get_type_traits_cpu.argtypes = (ctypes.c_int,)
+        base.lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+        base.lib.ggml_get_type_traits.argtypes = (ctypes.c_int,)
+        self.lib, self.base = lib, base
+
+    def vec_dot_type(self, ggml_type: str) -> str:
+        from gguf import GGMLQuantizationType
+
+        code = self.lib.ggml_get_type_traits_cpu(LibGGML._type_id(ggml_type)).contents.vec_dot_type
+        return GGMLQuantizationType(code).name
+
+    def convert_input(self, x: np.ndarray, ggml_type: str) -> np.ndarray:
+        """float32 rows ``x`` as a ``ggml_type`` matmul sees them: the CPU ``from_float`` of
+        its ``vec_dot_type``, then that type's ``to_float`` (float32, same shape)."""
+        name = self.vec_dot_type(ggml_type)
+        kind = LibGGML._type_id(name)
+        convert = _ROW_FN(self.lib.ggml_get_type_traits_cpu(kind).contents.from_float)
+        to_float = self.base.lib.ggml_get_type_traits(kind).contents.to_float
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        n = rows.shape[1]
+        packed = np.zeros(self.base.row_size(name, n), np.uint8)
+        out = np.empty_like(rows)
+        for i in range(rows.shape[0]):
+            convert(rows[i].ctypes.data, packed.ctypes.data, n)
+            if to_float:
+                _ROW_FN(to_float)(packed.ctypes.data, out[i].ctypes.data, n)
+            else:  # Q8_1 and Q8_K have no to_float: read their blocks here
+                out[i] = _dequantize_q8_input(packed, name)
+        return out.reshape(x.shape)
+
+
+def _dequantize_q8_input(packed: np.ndarray, name: str) -> np.ndarray:
+    """``d * qs`` of Q8_1 blocks (f16 d, f16 s, int8 qs[32]) or Q8_K blocks (f32 d,
+    int8 qs[256], int16 bsums[16]), block layouts of ggml-common.h."""
+    if name == "Q8_1":
+        blocks = packed.reshape(-1, 36)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        qs = blocks[:, 4:].view(np.int8).astype(np.float32)
+    else:
+        blocks = packed.reshape(-1, 292)
+        d = blocks[:, :4].copy().view(np.float32)
+        qs = blocks[:, 4:260].view(np.int8).astype(np.float32)
+    return (d * qs).reshape(-1)
+
+
+def libggml_cpu() -> LibGGMLCpu:
+    """The wheel's libggml-cpu (beside libggml-base); skips the test when it is absent."""
+    base = libggml()
+    found = sorted(base.path.parent.glob("libggml-cpu.so*"))
+    if not found:
+        pytest.skip(f"no libggml-cpu beside {base.path}")
+    return LibGGMLCpu(found[0], base)

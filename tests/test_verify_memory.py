@@ -54,13 +54,18 @@ def test_no_two_models_alive_at_once(example_ckpt, bundles, events, tmp_path):
             alive.pop()
     assert not alive, f"never freed: {alive}"
     loaded = [label for event, label in events if event == "load"]
-    # the reference first, the Q8_0 file's dequantized reference before its first target,
-    # then every target: 2 GGUF files per GGUF backend and the safetensors bundle
+    # the reference first, the Q8_0 file's dequantized reference before its first target of
+    # each input rounding (gguf_torch: none; gguf_llama: llama.cpp's), then every target: 2
+    # GGUF files per GGUF backend and the safetensors bundle
     assert loaded[0] == "reference"
-    first_q8 = next(i for i, label in enumerate(loaded) if label.startswith("ckpt-124K-Q8_0.gguf"))
-    assert loaded[first_q8 - 1] == "dequantized ckpt-124K-Q8_0.gguf"
-    assert sum(label.startswith("dequantized") for label in loaded) == 1
-    assert len(loaded) == 1 + 1 + 2 * (len(backends) - 1) + 1
+    judges = {"gguf_torch": "dequantized ckpt-124K-Q8_0.gguf",
+              "gguf_llama": "dequantized ckpt-124K-Q8_0.gguf, llama.cpp input rounding"}
+    for backend in (b for b in backends if b in judges):
+        at = loaded.index(f"ckpt-124K-Q8_0.gguf [{backend}]")
+        assert loaded[at - 1] == judges[backend], loaded
+    rounded = "gguf_llama" in backends
+    assert sum(label.startswith("dequantized") for label in loaded) == 1 + rounded
+    assert len(loaded) == 1 + 1 + rounded + 2 * (len(backends) - 1) + 1
     # one stage per model, each timed and measured, in the report and the JSON
     assert [s.name for s in result.stages] == loaded
     assert all(s.seconds > 0 and s.peak_rss > 50 * 2**20 for s in result.stages)

@@ -38,6 +38,29 @@ FIDELITY_LIMITS: dict[str, dict[str, float]] = {
 }
 FIDELITY_FALLBACK = {"mean_kld": 2e-2, "top1": 0.9}
 
+# backends whose matmuls round their inputs (:mod:`mmconvert.verify.llama_rounding`): their
+# dequantized reference rounds the same way
+INPUT_ROUNDING: dict[str, str] = {"gguf_llama": "llama.cpp"}
+# unquantized types whose matmul inputs such a backend rounds (F32 keeps them)
+ROUNDED_EXACT_TYPES = ("F16", "BF16")
+
+
+def widened_limits(limits: dict[str, float], sensitivity: dict[str, float]
+                   ) -> dict[str, float]:
+    """The fidelity limits on a model that amplifies rounding. ``sensitivity`` compares the
+    dequantized reference without input rounding to the one with it: how far llama.cpp's
+    rounding of the matmul inputs alone moves this model. What the emulation cannot repeat bit
+    for bit (ggml's summation order, a value on a rounding edge going the other way) moves
+    such a model too, so the runtime is held to half that distance in mean KLD, and to at
+    least the unrounded forward's top-1 agreement with the rounded one, when those are looser
+    than ``limits``."""
+    out = dict(limits)
+    if "mean_kld" in out:
+        out["mean_kld"] = max(out["mean_kld"], sensitivity["mean_kld"] / 2)
+    if "top1" in out:
+        out["top1"] = min(out["top1"], sensitivity["top1"])
+    return out
+
 
 def is_quantized(target: Target) -> bool:
     """A GGUF target whose text weights are block-quantized (its loss is not a bug)."""

@@ -46,9 +46,12 @@ from mmconvert.verify.facts import compare_facts, source_facts
 from mmconvert.verify.fidelity import (
     FIDELITY_FALLBACK,
     FIDELITY_LIMITS,
+    INPUT_ROUNDING,
     NO_GATES,
+    ROUNDED_EXACT_TYPES,
     QualityGates,
     is_quantized,
+    widened_limits,
 )
 from mmconvert.verify.metrics import Metrics, aggregate, compare_logits
 from mmconvert.verify.stages import StageStats, measure, release, track
@@ -105,6 +108,8 @@ class CaseResult:
     metrics: dict[str, float] | None = None
     error: str | None = None
     raw: Metrics | None = field(default=None, repr=False)  # sums, for the overall figures
+    # the runtime's logits, kept while a verdict may be reconsidered (see verify_bundles)
+    logits: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -127,6 +132,22 @@ class TargetResult:
     compared_with: str = "source"  # source | dequantized
     loss: dict[str, float] | None = None
     loss_gate: list[str] = field(default_factory=list)  # quality gates the loss missed
+    # how far the runtime's input rounding alone moves this model (fidelity.widened_limits),
+    # measured when the verdict needed it
+    sensitivity: dict[str, float] | None = None
+
+    def settle(self) -> None:
+        """``status`` and ``reason`` from what was found."""
+        causes = self.causes
+        self.status = "fail" if causes or self.loss_gate else "pass"
+        self.reason = causes[0] if causes else (
+            "quantization loss above the quality gate: " + "; ".join(self.loss_gate)
+            if self.loss_gate else "")
+
+    @property
+    def only_logits_failed(self) -> bool:
+        """Failed on the logits thresholds alone (every other check passed)."""
+        return bool(self.failures) and self.causes == ["logits: " + "; ".join(self.failures)]
 
     @property
     def causes(self) -> list[str]:
@@ -202,15 +223,19 @@ def run_reference(model: CanonicalModel, cases: list[Case], device: str, dtype: 
 def run_dequantized(target: Target, model: CanonicalModel, reference: ReferenceLogits,
                     device: str, dtype: torch.dtype, log: Log,
                     progress: StageProgress | None = None, *, offload: str = "auto",
-                    stages: list[StageStats] | None = None) -> ReferenceLogits:
+                    stages: list[StageStats] | None = None,
+                    rounding: str | None = None) -> ReferenceLogits:
     """The dequantized reference of a quantized GGUF target: the reference forward (the
     source's config and code) on the bundle's dequantized weights, logits of every case kept,
-    model freed (see :mod:`mmconvert.verify.fidelity`)."""
+    model freed (see :mod:`mmconvert.verify.fidelity`). ``rounding="llama.cpp"``: every
+    matmul input rounded as llama.cpp's CPU kernels round it for that weight's type
+    (:mod:`mmconvert.verify.llama_rounding`)."""
     from mmconvert.verify.backends.gguf_common import GGUFBundle
     from mmconvert.verify.fidelity import dequantized_loaders
+    from mmconvert.verify.llama_rounding import round_matmul_inputs
     from mmconvert.verify.reference import TorchMultimodalQwen3, plan_placement
 
-    label = f"dequantized {target.label}"
+    label = f"dequantized {target.label}" + (f", {rounding} input rounding" if rounding else "")
     store: dict[str, torch.Tensor] = {}
     with measure(label, stages if stages is not None else []) as stats:
         tensors = GGUFBundle(target, model).tensors()
@@ -220,6 +245,8 @@ def run_dequantized(target: Target, model: CanonicalModel, reference: ReferenceL
         forward = TorchMultimodalQwen3(model.text, model.projectors, model.multimodal_token_id,
                                        loaders, device=main, dtype=dtype, max_memory=max_memory)
         track(forward.lm, label)
+        if rounding is not None:
+            round_matmul_inputs(forward.lm, {bt.name: bt.dtype for bt in tensors})
         stats.note = _placement_note(forward)
         with _stage(progress, label, len(reference.cases)) as step:
             for case in reference.cases:
@@ -377,7 +404,7 @@ def _run_case(runner, case: Case, reference: ReferenceLogits, model: CanonicalMo
         loss, _ = _compare_case(case, source.logits(case.name), logits,
                                 model.multimodal_token_id)
     return CaseResult(case.name, logits.shape[0], metrics.summary() if metrics else None,
-                      error, metrics), loss
+                      error, metrics, logits), loss
 
 
 def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLogits,
@@ -485,11 +512,7 @@ def _verify_target(result: TargetResult, model: CanonicalModel, reference: Refer
     if losses:
         result.loss = aggregate(losses).summary()
         result.loss_gate = gates.failures(result.loss)
-    failed = bool(result.causes) or bool(result.loss_gate)
-    result.status = "fail" if failed else "pass"
-    result.reason = result.causes[0] if result.causes else (
-        "quantization loss above the quality gate: " + "; ".join(result.loss_gate)
-        if result.loss_gate else "")
+    result.settle()
     result.seconds = time.perf_counter() - start
     loss = "" if result.loss is None else (
         f"; quantization loss mean KLD {result.loss['mean_kld']:.3g}, top-1 "
@@ -535,21 +558,92 @@ def verify_bundles(model: CanonicalModel, targets: list[Target], reference: Refe
     GGUF bundle was quantized with, so its weighted tensors are checked byte for byte too."""
     stages = list(reference.stages)
     results = []
-    # logits of each quantized file's dequantized reference, kept while a target still needs them
-    dequantized: dict[tuple[str, ...], ReferenceLogits | None] = {}
-    for index, t in enumerate(targets):
-        key = tuple(str(p) for p in t.files)
-        if not t.skip and is_quantized(t) and key not in dequantized:
+    # logits of each quantized file's dequantized reference (per input rounding), kept while a
+    # target still needs them
+    dequantized: dict[tuple[str | None, ...], ReferenceLogits | None] = {}
+
+    def judge(t: Target, rounding: str | None) -> ReferenceLogits | None:
+        key = (rounding, *(str(p) for p in t.files))
+        if key not in dequantized:
             try:
                 dequantized[key] = run_dequantized(t, model, reference, device, dtype, log,
-                                                   progress, offload=offload, stages=stages)
+                                                   progress, offload=offload, stages=stages,
+                                                   rounding=rounding)
             except Exception as exc:  # unreadable file: the target's own run says what is wrong
                 log(f"dequantized {t.label}: not computed ({exc}); judged against the source "
                     "reference")
                 dequantized[key] = None
-        results.append(verify_target(t, model, reference, device, dtype, overrides, log,
-                                     progress, offload=offload, dequantized=dequantized.get(key),
-                                     gates=gates, stages=stages, imatrix=imatrix))
+        return dequantized[key]
+
+    for index, t in enumerate(targets):
+        rounding = INPUT_ROUNDING.get(t.backend)
+        rounded = judge(t, rounding) if not t.skip and is_quantized(t) else None
+        result = verify_target(t, model, reference, device, dtype, overrides, log, progress,
+                               offload=offload, dequantized=rounded, gates=gates,
+                               stages=stages, imatrix=imatrix)
+        if rounding and result.only_logits_failed and t.output_type in ROUNDED_EXACT_TYPES:
+            # llama.cpp rounds an F16/BF16 weight's inputs to that type: judge against the
+            # stored weights with their inputs rounded so, then as below
+            rounded = judge(t, rounding)
+            if rounded is not None and _rejudge(result, rounded, model, log):
+                result.compared_with = "dequantized"
+                _widen_for_sensitivity(result, rounded, reference, model, log)
+        elif rounding and rounded is not None and result.only_logits_failed:
+            unrounded = judge(t, None)
+            if unrounded is not None:
+                _widen_for_sensitivity(result, rounded, unrounded, model, log)
+        for case in result.cases:
+            case.logits = None
+        results.append(result)
         if all(later.files != t.files for later in targets[index + 1:]):
-            dequantized.pop(key, None)
+            for key in [k for k in dequantized if list(k[1:]) == [str(p) for p in t.files]]:
+                dequantized.pop(key)
     return VerifyResult(str(model.source), content_hash, reference, results, stages)
+
+
+def _rejudge(result: TargetResult, judge: ReferenceLogits, model: CanonicalModel,
+             log: Log) -> bool:
+    """Compare ``result``'s kept runtime logits with ``judge`` instead; False if some case
+    kept none (the verdict stands)."""
+    cases = {c.name: c for c in result.cases}
+    if any(cases.get(case.name) is None or cases[case.name].logits is None
+           for case in judge.cases):
+        return False
+    parts = []
+    for case in judge.cases:
+        kept = cases[case.name]
+        metrics, kept.error = _compare_case(case, judge.logits(case.name), kept.logits,
+                                            model.multimodal_token_id)
+        kept.raw, kept.metrics = metrics, metrics.summary() if metrics else None
+        if metrics is not None:
+            parts.append(metrics)
+    result.overall = aggregate(parts).summary() if parts else None
+    result.failures = check(result.overall, result.limits) if result.overall else []
+    result.settle()
+    log(f"{result.target.label} [{result.target.backend}]: against {judge.source}: "
+        f"{result.status.upper()}")
+    return True
+
+
+def _widen_for_sensitivity(result: TargetResult, rounded: ReferenceLogits,
+                           unrounded: ReferenceLogits, model: CanonicalModel, log: Log) -> None:
+    """Judge ``result`` again with limits widened by how far input rounding alone moves the
+    model (:func:`mmconvert.verify.fidelity.widened_limits`) when it still fails."""
+    if not result.only_logits_failed:
+        return
+    parts = []
+    for case in rounded.cases:
+        metrics, error = _compare_case(case, unrounded.logits(case.name),
+                                       rounded.logits(case.name), model.multimodal_token_id)
+        if metrics is None:
+            log(f"sensitivity of case {case.name} not measured: {error}")
+            return
+        parts.append(metrics)
+    result.sensitivity = aggregate(parts).summary()
+    result.limits = widened_limits(result.limits, result.sensitivity)
+    result.failures = check(result.overall, result.limits)
+    result.settle()
+    log(f"{result.target.label} [{result.target.backend}]: input rounding alone moves this "
+        f"model by mean KLD {result.sensitivity['mean_kld']:.3g} (top-1 "
+        f"{100 * result.sensitivity['top1']:.1f}%): limits widened to "
+        f"{result.limits}; {result.status.upper()}")

@@ -84,7 +84,15 @@ def terminal_report(result: VerifyResult, max_causes: int = 8) -> str:
     if any(t.compared_with == "dequantized" for t in result.targets):
         lines.append("vs dequantized: a quantized bundle's verdict compares its runtime with the "
                      "reference forward on the bundle's own dequantized weights (conversion "
-                     "fidelity)")
+                     "fidelity); for llama.cpp, with every matmul input rounded as its CPU "
+                     "kernels round it (8-bit blocks for quantized weights)")
+    for t in result.targets:
+        if t.sensitivity is not None:
+            lines.append(f"{t.target.label} [{t.target.backend}]: llama.cpp's input rounding "
+                         f"alone moves this model by mean KLD {t.sensitivity['mean_kld']:.3g}, "
+                         f"top-1 {100 * t.sensitivity['top1']:.1f}% (it amplifies rounding): "
+                         f"judged within mean KLD {t.limits.get('mean_kld', 0):.3g}, top-1 "
+                         f"{100 * t.limits.get('top1', 0):.1f}%")
     quantized = [t for t in result.targets if t.loss is not None]
     if quantized:
         lines += ["", "quantization loss against the source (what the type costs on this model; "
@@ -149,7 +157,7 @@ def to_json(result: VerifyResult) -> dict[str, Any]:
             "checks": [{"name": n, "passed": ok, "message": m} for n, ok, m in t.checks],
             "causes": t.causes, "errors": t.errors, "seconds": round(t.seconds, 3),
             "compared_with": t.compared_with, "quantization_loss": t.loss,
-            "quality_gate_failures": t.loss_gate,
+            "quality_gate_failures": t.loss_gate, "input_rounding_sensitivity": t.sensitivity,
         } for t in result.targets],
         "stages": [s.as_dict() for s in result.stages],
     })
