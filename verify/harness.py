@@ -147,7 +147,10 @@ class TargetResult:
     @property
     def only_logits_failed(self) -> bool:
         """Failed on the logits thresholds alone (every other check passed)."""
-        return bool(self.failures) and self.causes == ["logits: " + "; ".join(self.failures)]
+        return bool(self.failures) and not (
+            self.errors or self.facts or self.tensor_diffs
+            or any(ok is False for _, ok, _ in self.checks)
+            or any(c.error for c in self.cases))
 
     @property
     def causes(self) -> list[str]:
@@ -390,9 +393,11 @@ def _compare_case(case: Case, reference: torch.Tensor, logits: torch.Tensor,
 
 
 def _run_case(runner, case: Case, reference: ReferenceLogits, model: CanonicalModel,
-              source: ReferenceLogits | None = None) -> tuple[CaseResult, Metrics | None]:
+              source: ReferenceLogits | None = None, keep: bool = False
+              ) -> tuple[CaseResult, Metrics | None]:
     """The case against ``reference``; with ``source`` (a quantized target judged against its
-    dequantized reference) also against the source's logits: its quantization loss."""
+    dequantized reference) also against the source's logits: its quantization loss.
+    ``keep``: the result keeps the runtime's logits (for a verdict that may be reconsidered)."""
     try:
         logits = runner.logits(case)
     except Exception as exc:  # a broken bundle may break its runtime: report, go on
@@ -404,7 +409,7 @@ def _run_case(runner, case: Case, reference: ReferenceLogits, model: CanonicalMo
         loss, _ = _compare_case(case, source.logits(case.name), logits,
                                 model.multimodal_token_id)
     return CaseResult(case.name, logits.shape[0], metrics.summary() if metrics else None,
-                      error, metrics, logits), loss
+                      error, metrics, logits if keep else None), loss
 
 
 def verify_target(target: Target, model: CanonicalModel, reference: ReferenceLogits,
@@ -470,12 +475,15 @@ def _verify_target(result: TargetResult, model: CanonicalModel, reference: Refer
         result.tensors_checked = len(diffs)
         result.tensor_diffs = rank(diffs)
         label = f"{target.label} [{target.backend}]"
+        rejudged = target.backend in INPUT_ROUNDING and \
+            target.output_type in ROUNDED_EXACT_TYPES  # see verify_bundles
         with _stage(progress, label, len(reference.cases)) as step:
             for case in reference.cases:
                 if progress is None:
                     log(f"{label}: case {case.name}")
                 case_result, loss = _run_case(runner, case, judge, model,
-                                              reference if dequantized is not None else None)
+                                              reference if dequantized is not None else None,
+                                              keep=rejudged)
                 result.cases.append(case_result)
                 if loss is not None:
                     losses.append(loss)
