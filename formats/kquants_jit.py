@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mmconvert.formats import kquant_lanes as kl
 from mmconvert.formats import kquant_search as ks
 
 F32 = np.float32
@@ -85,13 +86,7 @@ def _affine_k_superblock(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, y, L):
                 max_scale = scale
             if the_min > max_min:
                 max_min = the_min
-        inv_scale = _SIXTY_THREE / max_scale if max_scale > _ZERO else _ZERO
-        inv_min = _SIXTY_THREE / max_min if max_min > _ZERO else _ZERO
-        for j in range(8):
-            ls[j] = min(63, ks.nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm[j] = min(63, ks.nearest_int(inv_min * mins[j]) & 0xFF)
-        d_block = max_scale / _SIXTY_THREE
-        m_block = max_min / _SIXTY_THREE
+        d_block, m_block = _quantize_scales_ref(scales, mins, max_scale, max_min, ls, lm)
     else:
         sw = np.empty(8, np.float32)
         sum_x2 = _ZERO
@@ -116,6 +111,24 @@ def _affine_k_superblock(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, y, L):
             for j in range(8):
                 ls[j] = min(63, ls[j])
                 lm[j] = min(63, lm[j])
+    _finish_affine(x, nmax, ls, lm, d_block, m_block, y, L)
+
+
+@_jit
+def _quantize_scales_ref(scales, mins, max_scale, max_min, ls, lm):
+    """The ref path's 6-bit scales and mins (ls, lm) of a super-block; returns (d, dmin)."""
+    inv_scale = _SIXTY_THREE / max_scale if max_scale > _ZERO else _ZERO
+    inv_min = _SIXTY_THREE / max_min if max_min > _ZERO else _ZERO
+    for j in range(8):
+        ls[j] = min(63, ks.nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm[j] = min(63, ks.nearest_int(inv_min * mins[j]) & 0xFF)
+    return max_scale / _SIXTY_THREE, max_min / _SIXTY_THREE
+
+
+@_jit
+def _finish_affine(x, nmax, ls, lm, d_block, m_block, y, L):
+    """Pack a Q4_K / Q5_K super-block's scales into y[0:16] and requantize its levels L
+    against the stored (F16) d, dmin (a sub-block whose d is 0 keeps the search's levels)."""
     _pack_scale_min_k4(y[4:16], ls, lm)
     _put_f16(y, 0, d_block)
     _put_f16(y, 2, m_block)
@@ -132,13 +145,78 @@ def _affine_k_superblock(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, y, L):
             L[32 * j + i] = max(0, min(nmax, lv))
 
 
+LANE_BLOCKS = 64  # super-blocks searched together: 512 sub-blocks, ~200 KB of lanes
+
+
+@_jit
+def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
+    """Scales and levels of every super-block of ``x`` (levels: uint8 (B, 256) out). Without
+    importance weights the sub-block searches of LANE_BLOCKS super-blocks run together
+    (:func:`mmconvert.formats.kquant_lanes.qkx2_lanes`), falling back to one sub-block at a
+    time for a group whose values leave its exact range; with them, one at a time."""
+    L = np.empty(QK_K, np.uint8)
+    nblocks = x.shape[0]
+    if qw.shape[0] > 0:
+        for b in range(nblocks):
+            _affine_k_superblock(x[b], qw[b], nmax, rmin, rdelta, nstep, clamp_qp, out[b], L)
+            levels[b] = L
+        return
+    lanes = 8 * LANE_BLOCKS
+    xt = np.empty((32, lanes), np.float32)
+    wt = np.empty((32, lanes), np.float32)
+    lt = np.empty((32, lanes), np.float32)
+    aux = np.empty((32, lanes), np.float32)
+    scale = np.empty(lanes, np.float32)
+    the_min = np.empty(lanes, np.float32)
+    ls = np.empty(8, np.uint8)
+    lm = np.empty(8, np.uint8)
+    for start in range(0, nblocks, LANE_BLOCKS):
+        count = min(LANE_BLOCKS, nblocks - start)
+        if count < LANE_BLOCKS:  # the last group: zero (flat) sub-blocks fill the lanes
+            xt[:, 8 * count:] = _ZERO
+            wt[:, 8 * count:] = _ZERO
+        for b in range(count):
+            for j in range(8):
+                lane = 8 * b + j
+                sub = x[start + b, 32 * j:32 * j + 32]
+                sum_x2 = _ZERO
+                for i in range(32):
+                    sum_x2 += sub[i] * sub[i]
+                av_x = F32(np.sqrt(sum_x2 / _SUB_F))
+                for i in range(32):
+                    xt[i, lane] = sub[i]
+                    wt[i, lane] = av_x + abs(sub[i])
+        exact = kl.qkx2_lanes(nmax, xt, wt, lt, scale, the_min, rmin, rdelta, nstep, aux)
+        for b in range(count):
+            block = start + b
+            if not exact:
+                _affine_k_superblock(x[block], qw[0:0, 0], nmax, rmin, rdelta, nstep,
+                                     clamp_qp, out[block], L)
+                levels[block] = L
+                continue
+            max_scale = _ZERO
+            max_min = _ZERO
+            for j in range(8):
+                s = scale[8 * b + j]
+                m = the_min[8 * b + j]
+                max_scale = s if s > max_scale else max_scale
+                max_min = m if m > max_min else max_min
+                for i in range(32):
+                    L[32 * j + i] = np.uint8(lt[i, 8 * b + j])
+            d_block, m_block = _quantize_scales_ref(scale[8 * b:8 * b + 8],
+                                                    the_min[8 * b:8 * b + 8], max_scale,
+                                                    max_min, ls, lm)
+            _finish_affine(x[block], nmax, ls, lm, d_block, m_block, out[block], L)
+            levels[block] = L
+
+
 @_jit
 def _encode_q4_k(x, qw, out):
-    L = np.empty(QK_K, np.uint8)
+    levels = np.empty((x.shape[0], QK_K), np.uint8)
+    _affine_k_levels(x, qw, 15, F32(-1.0), F32(0.1), 20, False, out, levels)
     for b in range(x.shape[0]):
         y = out[b]
-        w = qw[b] if qw.shape[0] > 0 else qw[0:0, 0]
-        _affine_k_superblock(x[b], w, 15, F32(-1.0), F32(0.1), 20, False, y, L)
+        L = levels[b]
         for half in range(4):
             for i in range(32):
                 y[16 + 32 * half + i] = L[64 * half + i] | (L[64 * half + 32 + i] << 4)
@@ -146,11 +224,11 @@ def _encode_q4_k(x, qw, out):
 
 @_jit
 def _encode_q5_k(x, qw, out):
-    L = np.empty(QK_K, np.uint8)
+    levels = np.empty((x.shape[0], QK_K), np.uint8)
+    _affine_k_levels(x, qw, 31, F32(-0.5), F32(0.1), 15, True, out, levels)
     for b in range(x.shape[0]):
         y = out[b]
-        w = qw[b] if qw.shape[0] > 0 else qw[0:0, 0]
-        _affine_k_superblock(x[b], w, 31, F32(-0.5), F32(0.1), 15, True, y, L)
+        L = levels[b]
         qh = y[16:48]
         ql = y[48:176]
         qh[:] = 0
@@ -172,19 +250,56 @@ def _encode_q5_k(x, qw, out):
 
 
 @_jit
+def _q6_k_searches(x, qw, all_scales, all_levels):
+    """Every Q6_K sub-block's make_qx_quants (scales: (B, 16), levels: int8 (B, 256) out):
+    without importance weights LANE_BLOCKS super-blocks at a time through
+    :func:`mmconvert.formats.kquant_lanes.qx_lanes` (one at a time for a group whose values
+    leave its exact range), with them one at a time."""
+    nblocks = x.shape[0]
+    lanes = 16 * LANE_BLOCKS
+    xt = np.empty((16, lanes), np.float32)
+    lt = np.empty((16, lanes), np.float32)
+    aux = np.empty((16, lanes), np.float32)
+    scale = np.empty(lanes, np.float32)
+    for start in range(0, nblocks, LANE_BLOCKS):
+        count = min(LANE_BLOCKS, nblocks - start)
+        exact = False
+        if qw.shape[0] == 0:
+            if count < LANE_BLOCKS:  # the last group: zero (flat) sub-blocks fill the lanes
+                xt[:, 16 * count:] = _ZERO
+            for b in range(count):
+                for ib in range(16):
+                    for i in range(16):
+                        xt[i, 16 * b + ib] = x[start + b, 16 * ib + i]
+            exact = kl.qx_lanes(32, xt, lt, scale, aux)
+        for b in range(count):
+            block = start + b
+            for ib in range(16):
+                if exact:
+                    all_scales[block, ib] = scale[16 * b + ib]
+                    for i in range(16):
+                        all_levels[block, 16 * ib + i] = np.int8(lt[i, 16 * b + ib])
+                else:
+                    w = qw[block, 16 * ib:16 * ib + 16] if qw.shape[0] > 0 else ks.NO_WEIGHTS
+                    all_scales[block, ib] = ks.make_qx_quants(
+                        16, 32, x[block, 16 * ib:16 * ib + 16],
+                        all_levels[block, 16 * ib:16 * ib + 16], 1, w)
+
+
+@_jit
 def _encode_q6_k(x, qw, out):
-    L = np.empty(QK_K, np.int8)
-    scales = np.empty(16, np.float32)
+    all_scales = np.empty((x.shape[0], 16), np.float32)
+    all_levels = np.empty((x.shape[0], QK_K), np.int8)
+    _q6_k_searches(x, qw, all_scales, all_levels)
     for b in range(x.shape[0]):
         y = out[b]
         xs = x[b]
+        L = all_levels[b]
+        scales = all_scales[b]
         max_scale = _ZERO
         max_abs_scale = _ZERO
         for ib in range(16):
-            w = qw[b, 16 * ib:16 * ib + 16] if qw.shape[0] > 0 else ks.NO_WEIGHTS
-            scale = ks.make_qx_quants(16, 32, xs[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16],
-                                      1, w)
-            scales[ib] = scale
+            scale = scales[ib]
             abs_scale = abs(scale)
             if abs_scale > max_abs_scale:
                 max_abs_scale = abs_scale
