@@ -269,9 +269,12 @@ def gguf_tensors(plan: Plan, imatrix: Mapping[str, np.ndarray] | None = None
         if t.source.dtype not in quants.SOURCE_DTYPES:
             raise UnsupportedError(f"{t.source.source_name}: {t.source.dtype} tensors cannot be "
                                    f"written to GGUF (supported: {', '.join(quants.SOURCE_DTYPES)})")
+    weights = imatrix or {}
+    # the encoder depends on the source (the job), the type and the weights, looked up by name
     return [GGUFTensor(t.name, t.shape, t.dtype, _encoded_nbytes(t.shape, t.dtype), t.source,
-                       _encoder(t, (imatrix or {}).get(t.name)) if t.dtype in quants.TYPES
-                       else _no_kernel(t.dtype))
+                       _encoder(t, weights.get(t.name)) if t.dtype in quants.TYPES
+                       else _no_kernel(t.dtype),
+                       (t.dtype, t.name if t.name in weights else None))
             for t in plan.tensors]
 
 

@@ -194,6 +194,9 @@ class GGUFTensor:
     nbytes: int
     source: TensorSource
     encode: Encoder = field(repr=False, compare=False)
+    # what ``encode`` depends on besides the source (GGML type, importance weights): tensors of
+    # one source with equal ``encoding`` are encoded once for all the files storing them
+    encoding: object = field(default=None, compare=False)
 
     def info(self, offset: int) -> bytes:
         """The tensor-info record (``ne`` reversed from the numpy shape)."""
@@ -327,7 +330,8 @@ def write_gguf(folder: Path, files: Iterable[GGUFFile], *, progress: Progress | 
             fds.append(create_file(Path(folder) / f.name, f.size, f.header))
             for t, offset in f.tensors:
                 jobs.setdefault(t.source, []).append(
-                    Target(fds[-1], offset, t.nbytes, t.encode, f"{f.name}:{t.name}"))
+                    Target(fds[-1], offset, t.nbytes, t.encode, f"{f.name}:{t.name}",
+                           t.encoding))
         hashed = write_tensors(
             [TensorWrite(source, tuple(targets)) for source, targets in jobs.items()],
             progress=progress, workers=workers, chunk_bytes=chunk_bytes,

@@ -45,6 +45,9 @@ class Target:
     nbytes: int
     encode: Encoder
     label: str  # for errors, e.g. "model.safetensors:lm_head.weight"
+    # targets of one job with equal non-None ``encoding`` get the same bytes (e.g. the same
+    # GGML type and importance weights in two files): each slice is encoded once for them
+    encoding: object = None
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,13 @@ def _write_slice(piece: _Slice, progress: Progress | None) -> None:
         else ref.read_rows(piece.start, piece.stop)
     SCAN.scan(ref.source_name or ref.name, data, ref.dtype)  # once per slice, not per file
     done = 0
+    encoded: dict[object, memoryview] = {}
     for target in job.targets:
-        view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
+        view = encoded.get(target.encoding) if target.encoding is not None else None
+        if view is None:
+            view = memoryview(np.ascontiguousarray(target.encode(data))).cast("B")
+            if target.encoding is not None:
+                encoded[target.encoding] = view
         first, expected = ((0, target.nbytes) if piece.whole else
                            (piece.start * (target.nbytes // rows),
                             (piece.stop - piece.start) * (target.nbytes // rows)))
@@ -142,7 +150,7 @@ def _write_slice(piece: _Slice, progress: Progress | None) -> None:
                                  f"{len(view)} bytes, layout reserved {expected}")
         pwrite_all(target.fd, view, target.offset + first)
         done += len(view)
-    del data
+    del data, encoded
     if progress is not None:
         progress(done)
 

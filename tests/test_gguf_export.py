@@ -404,3 +404,33 @@ def test_to_gguf_never_imports_torch_or_transformers(example_ckpt, tmp_path):
                                           (751_632_384, "752M"), (8_190_735_360, "8.2B")])
 def test_size_label(count, label):
     assert size_label(count) == label
+
+
+def test_a_tensor_shared_by_several_outtypes_is_encoded_once(make_checkpoint, tmp_path,
+                                                            monkeypatch):
+    """Q4_K_M and Q6_K in one run both store output.weight as Q6_K (and other tensors as the
+    same type): each such slice is encoded once for both files, and each file holds the bytes
+    of its own run."""
+    from mmconvert import api
+    from mmconvert.formats import kquants
+
+    ckpt = make_checkpoint(hidden_size=256, intermediate_size=512, head_dim=64)
+    encoded: list[int] = []
+    original = kquants._SuperBlockType.encode_blocks.__func__
+
+    def counting(cls, x, out, weights=None):
+        encoded.append(x.size if cls is kquants.Q6_K else 0)
+        return original(cls, x, out, weights)
+
+    monkeypatch.setattr(kquants._SuperBlockType, "encode_blocks", classmethod(counting))
+    alone = {}
+    for outtype in ("q4_k_m", "q6_k"):
+        encoded.clear()
+        api.to_gguf(ckpt, tmp_path / outtype, outtypes=[outtype])
+        alone[outtype] = sum(encoded)
+    encoded.clear()
+    api.to_gguf(ckpt, tmp_path / "both", outtypes=["q4_k_m", "q6_k"])
+    assert alone["q4_k_m"] > 0 and sum(encoded) == alone["q6_k"]  # q4_k_m's Q6_K: shared
+    for outtype in ("q4_k_m", "q6_k"):
+        (single,) = (tmp_path / outtype).glob("*-Q*.gguf")
+        assert (tmp_path / "both" / single.name).read_bytes() == single.read_bytes()
