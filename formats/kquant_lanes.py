@@ -31,7 +31,9 @@ _EXACT_BELOW = F32(4194304.0)  # 2**22: nearest_int's exact range
 @_jit
 def qkx2_lanes(nmax, x, w, L, scale_out, min_out, rmin, rdelta, nstep, aux):
     """``make_qkx2_quants(32, nmax, x[:, j], w[:, j], ...)`` for every lane ``j`` (use_mad
-    false), with ``nstep >= 1``. ``x``, ``w``: float32 (32, lanes); ``L``: float32 (32, lanes)
+    false), with ``nstep >= 1``; also ``make_qkx3_quants`` with weights (the imatrix path),
+    whose only difference, ``max <= min`` for ``max == min``, is none for values whose
+    search stays exact. ``x``, ``w``: float32 (32, lanes); ``L``: float32 (32, lanes)
     out, the levels; ``scale_out``, ``min_out``: float32 (lanes,) out, the scale and C's
     ``*the_min``; ``aux``: float32 (32, lanes) scratch. Returns False when some lane left
     nearest_int's exact range (its results are then not C's: see the module docstring)."""
@@ -138,11 +140,12 @@ _TENTH = F32(0.1)
 
 
 @_jit
-def qx_lanes(nmax, x, L, scale_out, aux):
-    """``make_qx_quants(16, nmax, x[:, j], L[:, j], 1, NULL)`` (Q6_K's search: weights x**2)
-    for every lane ``j``. ``x``: float32 (n, lanes); ``L``: float32 (n, lanes) out, the
-    stored levels (``nmax + l``); ``scale_out``: float32 (lanes,) out; ``aux``: float32
-    (n, lanes) scratch. Returns False when some lane left nearest_int's exact range."""
+def qx_lanes(nmax, x, L, scale_out, aux, qw, weighted):
+    """``make_qx_quants(16, nmax, x[:, j], L[:, j], 1, w)`` (Q6_K's search) for every lane
+    ``j``, the weights ``qw[:, j]`` when ``weighted`` else C's NULL (x**2). ``x``, ``qw``:
+    float32 (n, lanes); ``L``: float32 (n, lanes) out, the stored levels (``nmax + l``);
+    ``scale_out``: float32 (lanes,) out; ``aux``: float32 (n, lanes) scratch. Returns False
+    when some lane left nearest_int's exact range."""
     n, lanes = x.shape
     nmax_f = F32(nmax)
     top = F32(nmax - 1)
@@ -170,7 +173,7 @@ def qx_lanes(nmax, x, L, scale_out, aux):
             inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
             level = min(max((v + _MAGIC) - _MAGIC, -nmax_f), top)
             L[i, j] = level + nmax_f
-            weight = x[i, j] * x[i, j]
+            weight = qw[i, j] if weighted else x[i, j] * x[i, j]
             sumlx[j] += weight * x[i, j] * level
             suml2[j] += weight * level * level
     scale = np.empty(lanes, np.float32)
@@ -192,7 +195,7 @@ def qx_lanes(nmax, x, L, scale_out, aux):
                 inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
                 level = min(max((v + _MAGIC) - _MAGIC, -nmax_f), top)
                 aux[i, j] = level + nmax_f
-                weight = x[i, j] * x[i, j]
+                weight = qw[i, j] if weighted else x[i, j] * x[i, j]
                 sumlx[j] += weight * x[i, j] * level
                 suml2[j] += weight * level * level
         for j in range(lanes):

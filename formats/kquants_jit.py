@@ -150,18 +150,18 @@ LANE_BLOCKS = 64  # super-blocks searched together: 512 sub-blocks, ~200 KB of l
 
 @_jit
 def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
-    """Scales and levels of every super-block of ``x`` (levels: uint8 (B, 256) out). Without
-    importance weights the sub-block searches of LANE_BLOCKS super-blocks run together
-    (:func:`mmconvert.formats.kquant_lanes.qkx2_lanes`), falling back to one sub-block at a
-    time for a group whose values leave its exact range; with them, one at a time."""
+    """Scales and levels of every super-block of ``x`` (levels: uint8 (B, 256) out). The
+    sub-block searches of LANE_BLOCKS super-blocks run together
+    (:func:`mmconvert.formats.kquant_lanes.qkx2_lanes`; with importance weights as
+    make_qkx3_quants, without as make_qkx2_quants), one sub-block at a time for a group whose
+    values leave the lanes' exact range."""
     L = np.empty(QK_K, np.uint8)
     nblocks = x.shape[0]
-    if qw.shape[0] > 0:
-        for b in range(nblocks):
-            _affine_k_superblock(x[b], qw[b], nmax, rmin, rdelta, nstep, clamp_qp, out[b], L)
-            levels[b] = L
-        return
+    weighted = qw.shape[0] > 0
+    if weighted:  # quantize_row_q{4,5}_K_impl's search (make_qkx3_quants)
+        rmin, rdelta, nstep = _IMPL_RMIN, _IMPL_RDELTA, 36
     lanes = 8 * LANE_BLOCKS
+    sw = np.empty(lanes, np.float32)
     xt = np.empty((32, lanes), np.float32)
     wt = np.empty((32, lanes), np.float32)
     lt = np.empty((32, lanes), np.float32)
@@ -176,9 +176,24 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
             xt[:, 8 * count:] = _ZERO
             wt[:, 8 * count:] = _ZERO
         for b in range(count):
+            values = x[start + b]
+            if weighted:
+                sum_x2 = _ZERO
+                for i in range(QK_K):
+                    sum_x2 += values[i] * values[i]
+                sigma2 = _TWO * sum_x2 / _QK_K_F
             for j in range(8):
                 lane = 8 * b + j
-                sub = x[start + b, 32 * j:32 * j + 32]
+                sub = values[32 * j:32 * j + 32]
+                if weighted:
+                    sumw = _ZERO
+                    for i in range(32):
+                        xt[i, lane] = sub[i]
+                        wt[i, lane] = qw[start + b, 32 * j + i] * \
+                            F32(np.sqrt(sigma2 + sub[i] * sub[i]))
+                        sumw += wt[i, lane]
+                    sw[lane] = sumw
+                    continue
                 sum_x2 = _ZERO
                 for i in range(32):
                     sum_x2 += sub[i] * sub[i]
@@ -190,8 +205,8 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
         for b in range(count):
             block = start + b
             if not exact:
-                _affine_k_superblock(x[block], qw[0:0, 0], nmax, rmin, rdelta, nstep,
-                                     clamp_qp, out[block], L)
+                _affine_k_superblock(x[block], qw[block] if weighted else qw[0:0, 0], nmax,
+                                     rmin, rdelta, nstep, clamp_qp, out[block], L)
                 levels[block] = L
                 continue
             max_scale = _ZERO
@@ -203,9 +218,18 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
                 max_min = m if m > max_min else max_min
                 for i in range(32):
                     L[32 * j + i] = np.uint8(lt[i, 8 * b + j])
-            d_block, m_block = _quantize_scales_ref(scale[8 * b:8 * b + 8],
-                                                    the_min[8 * b:8 * b + 8], max_scale,
-                                                    max_min, ls, lm)
+            if weighted:
+                d_block = ks.make_qp_quants(8, 63, scale[8 * b:8 * b + 8], ls, sw[8 * b:8 * b + 8])
+                m_block = ks.make_qp_quants(8, 63, the_min[8 * b:8 * b + 8], lm,
+                                            sw[8 * b:8 * b + 8])
+                if clamp_qp:  # Q5_K's impl clamps the levels to 63, Q4_K's does not
+                    for j in range(8):
+                        ls[j] = min(63, ls[j])
+                        lm[j] = min(63, lm[j])
+            else:
+                d_block, m_block = _quantize_scales_ref(scale[8 * b:8 * b + 8],
+                                                        the_min[8 * b:8 * b + 8], max_scale,
+                                                        max_min, ls, lm)
             _finish_affine(x[block], nmax, ls, lm, d_block, m_block, out[block], L)
             levels[block] = L
 
@@ -251,27 +275,29 @@ def _encode_q5_k(x, qw, out):
 
 @_jit
 def _q6_k_searches(x, qw, all_scales, all_levels):
-    """Every Q6_K sub-block's make_qx_quants (scales: (B, 16), levels: int8 (B, 256) out):
-    without importance weights LANE_BLOCKS super-blocks at a time through
-    :func:`mmconvert.formats.kquant_lanes.qx_lanes` (one at a time for a group whose values
-    leave its exact range), with them one at a time."""
+    """Every Q6_K sub-block's make_qx_quants (scales: (B, 16), levels: int8 (B, 256) out),
+    LANE_BLOCKS super-blocks at a time through :func:`mmconvert.formats.kquant_lanes.qx_lanes`
+    (one at a time for a group whose values leave its exact range)."""
     nblocks = x.shape[0]
+    weighted = qw.shape[0] > 0
     lanes = 16 * LANE_BLOCKS
     xt = np.empty((16, lanes), np.float32)
+    wt = np.empty((16, lanes), np.float32)
     lt = np.empty((16, lanes), np.float32)
     aux = np.empty((16, lanes), np.float32)
     scale = np.empty(lanes, np.float32)
     for start in range(0, nblocks, LANE_BLOCKS):
         count = min(LANE_BLOCKS, nblocks - start)
-        exact = False
-        if qw.shape[0] == 0:
-            if count < LANE_BLOCKS:  # the last group: zero (flat) sub-blocks fill the lanes
-                xt[:, 16 * count:] = _ZERO
-            for b in range(count):
-                for ib in range(16):
-                    for i in range(16):
-                        xt[i, 16 * b + ib] = x[start + b, 16 * ib + i]
-            exact = kl.qx_lanes(32, xt, lt, scale, aux)
+        if count < LANE_BLOCKS:  # the last group: zero (flat) sub-blocks fill the lanes
+            xt[:, 16 * count:] = _ZERO
+            wt[:, 16 * count:] = _ZERO
+        for b in range(count):
+            for ib in range(16):
+                for i in range(16):
+                    xt[i, 16 * b + ib] = x[start + b, 16 * ib + i]
+                    if weighted:
+                        wt[i, 16 * b + ib] = qw[start + b, 16 * ib + i]
+        exact = kl.qx_lanes(32, xt, lt, scale, aux, wt, weighted)
         for b in range(count):
             block = start + b
             for ib in range(16):

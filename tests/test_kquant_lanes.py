@@ -57,15 +57,37 @@ def test_qkx2_lanes_equal_the_one_block_search(nmax, rmin, rdelta, nstep):
         assert np.array_equal(L[:, j].astype(np.uint8), levels), j
 
 
-def test_qx_lanes_equal_the_one_block_search():
+def test_qkx2_lanes_equal_the_imatrix_search():
+    """With importance weights (quantize_row_q4_K_impl's parameters) the lanes are
+    make_qkx3_quants."""
+    subs = _sub_blocks(32)
+    rng = np.random.default_rng(4)
+    weights = (rng.random(subs.shape) * np.sqrt(subs * subs + 1)).astype(F32)
+    x, w = np.ascontiguousarray(subs.T), np.ascontiguousarray(weights.T)
+    L = np.empty_like(x)
+    scale, the_min = np.empty(len(subs), F32), np.empty(len(subs), F32)
+    assert kl.qkx2_lanes(15, x, w, L, scale, the_min, F32(-0.9), F32(0.05), 36,
+                         np.empty_like(x))
+    for j, sub in enumerate(subs):
+        levels, aux = np.empty(32, np.uint8), np.empty(32, np.uint8)
+        s, m = ks.make_qkx3_quants(32, 15, sub, weights[j], levels, aux, F32(-0.9), F32(0.05),
+                                   36, False)
+        assert (F32(s).tobytes(), F32(m).tobytes()) == (scale[j].tobytes(),
+                                                        the_min[j].tobytes()), j
+        assert np.array_equal(L[:, j].astype(np.uint8), levels), j
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["x2-weights", "imatrix"])
+def test_qx_lanes_equal_the_one_block_search(weighted):
     subs = _sub_blocks(16)
     lanes = len(subs)
-    x = np.ascontiguousarray(subs.T)
+    qw = (np.random.default_rng(6).random(subs.shape) + 0.1).astype(F32)
+    x, w = np.ascontiguousarray(subs.T), np.ascontiguousarray(qw.T)
     L, scale = np.empty((16, lanes), F32), np.empty(lanes, F32)
-    assert kl.qx_lanes(32, x, L, scale, np.empty_like(x))
+    assert kl.qx_lanes(32, x, L, scale, np.empty_like(x), w, weighted)
     for j, sub in enumerate(subs):
         levels = np.empty(16, np.int8)
-        s = ks.make_qx_quants(16, 32, sub, levels, 1, ks.NO_WEIGHTS)
+        s = ks.make_qx_quants(16, 32, sub, levels, 1, qw[j] if weighted else ks.NO_WEIGHTS)
         assert F32(s).tobytes() == scale[j].tobytes(), j
         assert np.array_equal(L[:, j].astype(np.int8), levels), j
 
@@ -94,7 +116,7 @@ def test_lanes_report_values_outside_their_exact_range():
                              F32(0.1), 20, np.empty_like(x))
     nan = np.ascontiguousarray(np.stack([rows[2, 688:704], rows[0, :16]]).T)
     assert not kl.qx_lanes(32, nan, np.empty((16, 2), F32), np.empty(2, F32),
-                           np.empty_like(nan))
+                           np.empty_like(nan), nan, False)
 
 
 @pytest.mark.llama
