@@ -29,25 +29,39 @@ _EXACT_BELOW = F32(4194304.0)  # 2**22: nearest_int's exact range
 
 
 @_jit
+def _level(v, top):
+    """C's ``MAX(0, MIN(top, nearest_int(v)))`` for ``|v| < 2**22``, in float32."""
+    return min(max((v + _MAGIC) - _MAGIC, _ZERO), top)
+
+
+@_jit
 def qkx2_lanes(nmax, x, w, L, scale_out, min_out, rmin, rdelta, nstep, aux):
     """``make_qkx2_quants(32, nmax, x[:, j], w[:, j], ...)`` for every lane ``j`` (use_mad
     false), with ``nstep >= 1``; also ``make_qkx3_quants`` with weights (the imatrix path),
     whose only difference, ``max <= min`` for ``max == min``, is none for values whose
-    search stays exact. ``x``, ``w``: float32 (32, lanes); ``L``: float32 (32, lanes)
-    out, the levels; ``scale_out``, ``min_out``: float32 (lanes,) out, the scale and C's
-    ``*the_min``; ``aux``: float32 (32, lanes) scratch. Returns False when some lane left
-    nearest_int's exact range (its results are then not C's: see the module docstring)."""
+    search stays exact. ``x``, ``w``: float32 (32, lanes); ``L``: float32 (32, lanes) out,
+    the levels; ``scale_out``, ``min_out``: float32 (lanes,) out, the scale and C's
+    ``*the_min``; ``aux``: float32 (32, lanes) scratch. Returns False when some lane may
+    leave nearest_int's exact range (its results are then not C's: see the module docstring).
+
+    Exactness is checked per lane and step, not per value: ``|iscale * (x - min)|`` is at most
+    ``|iscale| * max(max - min, min - smallest x)`` rounded the same way (rounding is
+    monotonic), so that bound below 2**22 covers every value; a NaN is flagged once. The
+    levels are not copied at each accepted step: the step's ``iscale`` and ``min`` are kept
+    and the levels recomputed from them at the end, the same float32 operations again."""
     n, lanes = x.shape
     nmax_f = F32(nmax)
     lo = np.empty(lanes, np.float32)
     hi = np.empty(lanes, np.float32)
     sum_w = np.empty(lanes, np.float32)
     sum_x = np.empty(lanes, np.float32)
+    has_nan = np.zeros(lanes, np.bool_)
     for j in range(lanes):
         lo[j] = x[0, j]
         hi[j] = x[0, j]
         sum_w[j] = w[0, j]
         sum_x[j] = w[0, j] * x[0, j]
+        has_nan[j] = x[0, j] != x[0, j]
     for i in range(1, n):
         for j in range(lanes):
             v = x[i, j]
@@ -55,25 +69,28 @@ def qkx2_lanes(nmax, x, w, L, scale_out, min_out, rmin, rdelta, nstep, aux):
             hi[j] = v if v > hi[j] else hi[j]
             sum_w[j] += w[i, j]
             sum_x[j] += w[i, j] * v
+            has_nan[j] |= v != v
     flat = np.empty(lanes, np.bool_)  # C's early return: levels 0, scale 0, the_min -min
-    span = np.empty(lanes, np.float32)  # hi - lo; 1 for a flat lane, whose figures are unused
+    smallest = np.empty(lanes, np.float32)
+    inexact = False
     for j in range(lanes):
+        smallest[j] = lo[j]
         lo[j] = _ZERO if lo[j] > _ZERO else lo[j]
         flat[j] = hi[j] == lo[j]
-        span[j] = _ONE if flat[j] else hi[j] - lo[j]
-    inexact = False
+        inexact |= has_nan[j] and not flat[j]
     scale = np.empty(lanes, np.float32)
     iscale = np.empty(lanes, np.float32)
+    best_iscale = np.empty(lanes, np.float32)
+    best_lo = np.empty(lanes, np.float32)
     best = np.zeros(lanes, np.float32)
     for j in range(lanes):
-        iscale[j] = nmax_f / span[j]
+        iscale[j] = nmax_f / (_ONE if flat[j] else hi[j] - lo[j])
         scale[j] = _ONE / iscale[j]
+        best_iscale[j] = iscale[j]
+        best_lo[j] = lo[j]
     for i in range(n):
         for j in range(lanes):
-            v = iscale[j] * (x[i, j] - lo[j])
-            inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
-            level = min(max((v + _MAGIC) - _MAGIC, _ZERO), nmax_f)
-            L[i, j] = level
+            level = _level(iscale[j] * (x[i, j] - lo[j]), nmax_f)
             diff = scale[j] * level + lo[j] - x[i, j]
             best[j] += w[i, j] * (diff * diff)
     sum_l = np.empty(lanes, np.float32)
@@ -83,19 +100,23 @@ def qkx2_lanes(nmax, x, w, L, scale_out, min_out, rmin, rdelta, nstep, aux):
     this_min = np.empty(lanes, np.float32)
     usable = np.empty(lanes, np.bool_)
     error = np.empty(lanes, np.float32)
-    for step in range(nstep + 1):
+    for step in range(-1, nstep + 1):
         for j in range(lanes):
-            # C divides by (max - min) with min the best min so far, max the sub-block's
-            iscale[j] = (rmin + rdelta * F32(step) + nmax_f) / \
-                (_ONE if flat[j] else hi[j] - lo[j])
+            if step >= 0:
+                # C divides by (max - min), min the best min so far, max the sub-block's
+                iscale[j] = (rmin + rdelta * F32(step) + nmax_f) / \
+                    (_ONE if flat[j] else hi[j] - lo[j])
+            reach = hi[j] - lo[j]
+            reach = lo[j] - smallest[j] if lo[j] - smallest[j] > reach else reach
+            inexact |= not (abs(iscale[j]) * reach < _EXACT_BELOW or flat[j])
             sum_l[j] = _ZERO
             sum_l2[j] = _ZERO
             sum_xl[j] = _ZERO
+        if step < 0:
+            continue  # the initial pass's range check only
         for i in range(n):
             for j in range(lanes):
-                v = iscale[j] * (x[i, j] - lo[j])
-                inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
-                level = min(max((v + _MAGIC) - _MAGIC, _ZERO), nmax_f)
+                level = _level(iscale[j] * (x[i, j] - lo[j]), nmax_f)
                 aux[i, j] = level
                 weight = w[i, j]
                 sum_l[j] += weight * level
@@ -117,21 +138,19 @@ def qkx2_lanes(nmax, x, w, L, scale_out, min_out, rmin, rdelta, nstep, aux):
                 diff = this_scale[j] * aux[i, j] + this_min[j] - x[i, j]
                 error[j] += w[i, j] * (diff * diff)
         for j in range(lanes):
-            usable[j] = usable[j] and error[j] < best[j] and not flat[j]
-        for i in range(n):
-            for j in range(lanes):
-                L[i, j] = aux[i, j] if usable[j] else L[i, j]
-        for j in range(lanes):
-            if usable[j]:
+            if usable[j] and error[j] < best[j] and not flat[j]:
                 best[j] = error[j]
                 scale[j] = this_scale[j]
+                best_iscale[j] = iscale[j]
+                best_lo[j] = lo[j]  # the min these levels were computed with
                 lo[j] = this_min[j]
     for j in range(lanes):
         scale_out[j] = _ZERO if flat[j] else scale[j]
         min_out[j] = -lo[j]
     for i in range(n):
         for j in range(lanes):
-            L[i, j] = _ZERO if flat[j] else L[i, j]
+            level = _level(best_iscale[j] * (x[i, j] - best_lo[j]), nmax_f)
+            L[i, j] = _ZERO if flat[j] else level
     return not inexact
 
 
@@ -144,73 +163,67 @@ def qx_lanes(nmax, x, L, scale_out, aux, qw, weighted):
     """``make_qx_quants(16, nmax, x[:, j], L[:, j], 1, w)`` (Q6_K's search) for every lane
     ``j``, the weights ``qw[:, j]`` when ``weighted`` else C's NULL (x**2). ``x``, ``qw``:
     float32 (n, lanes); ``L``: float32 (n, lanes) out, the stored levels (``nmax + l``);
-    ``scale_out``: float32 (lanes,) out; ``aux``: float32 (n, lanes) scratch. Returns False
-    when some lane left nearest_int's exact range."""
+    ``scale_out``: float32 (lanes,) out; ``aux``: float32 (n, lanes) scratch (unused, kept
+    for the callers' buffers). Returns False when some lane may leave nearest_int's exact
+    range. As in :func:`qkx2_lanes`: the range is checked per lane and step
+    (``|iscale * x| <= |iscale| * amax``), NaN once, and the levels of the accepted step are
+    recomputed at the end."""
     n, lanes = x.shape
     nmax_f = F32(nmax)
+    bottom = F32(-nmax)
     top = F32(nmax - 1)
     mx = np.zeros(lanes, np.float32)
     amax = np.zeros(lanes, np.float32)
+    has_nan = np.zeros(lanes, np.bool_)
     for i in range(n):
         for j in range(lanes):
             v = x[i, j]
             bigger = abs(v) > amax[j]
             amax[j] = abs(v) if bigger else amax[j]
             mx[j] = v if bigger else mx[j]
+            has_nan[j] |= v != v
     flat = np.empty(lanes, np.bool_)  # all (near) zero: levels 0, scale 0
     iscale = np.empty(lanes, np.float32)
+    best_iscale = np.empty(lanes, np.float32)
+    inexact = False
     for j in range(lanes):
         flat[j] = amax[j] < _GROUP_MAX_EPS
         if flat[j]:
             mx[j] = _ONE  # unused: keeps the flat lane's arithmetic finite
         iscale[j] = F32(-nmax) / mx[j]
-    inexact = False
+        best_iscale[j] = iscale[j]
     sumlx = np.zeros(lanes, np.float32)
     suml2 = np.zeros(lanes, np.float32)
-    for i in range(n):
-        for j in range(lanes):
-            v = iscale[j] * x[i, j]
-            inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
-            level = min(max((v + _MAGIC) - _MAGIC, -nmax_f), top)
-            L[i, j] = level + nmax_f
-            weight = qw[i, j] if weighted else x[i, j] * x[i, j]
-            sumlx[j] += weight * x[i, j] * level
-            suml2[j] += weight * level * level
     scale = np.empty(lanes, np.float32)
     best = np.empty(lanes, np.float32)
-    for j in range(lanes):
-        scale[j] = sumlx[j] / suml2[j] if suml2[j] != _ZERO else _ZERO
-        best[j] = scale[j] * sumlx[j]
-    better = np.empty(lanes, np.bool_)
-    for step in range(-9, 10):
+    for step in range(-10, 10):  # -10: the first pass, at -nmax / max
         if step == 0:
             continue
         for j in range(lanes):
-            iscale[j] = -(nmax_f + _TENTH * F32(step)) / mx[j]
+            if step > -10:
+                iscale[j] = -(nmax_f + _TENTH * F32(step)) / mx[j]
+            inexact |= not (abs(iscale[j]) * amax[j] < _EXACT_BELOW or flat[j]) \
+                or (has_nan[j] and not flat[j])
             sumlx[j] = _ZERO
             suml2[j] = _ZERO
         for i in range(n):
             for j in range(lanes):
-                v = iscale[j] * x[i, j]
-                inexact |= not (abs(v) < _EXACT_BELOW or flat[j])
-                level = min(max((v + _MAGIC) - _MAGIC, -nmax_f), top)
-                aux[i, j] = level + nmax_f
+                level = min(max((iscale[j] * x[i, j] + _MAGIC) - _MAGIC, bottom), top)
                 weight = qw[i, j] if weighted else x[i, j] * x[i, j]
                 sumlx[j] += weight * x[i, j] * level
                 suml2[j] += weight * level * level
         for j in range(lanes):
-            better[j] = suml2[j] > _ZERO and sumlx[j] * sumlx[j] > best[j] * suml2[j] \
-                and not flat[j]
-        for i in range(n):
-            for j in range(lanes):
-                L[i, j] = aux[i, j] if better[j] else L[i, j]
-        for j in range(lanes):
-            if better[j]:
+            if step == -10:
+                scale[j] = sumlx[j] / suml2[j] if suml2[j] != _ZERO else _ZERO
+                best[j] = scale[j] * sumlx[j]
+            elif suml2[j] > _ZERO and sumlx[j] * sumlx[j] > best[j] * suml2[j]:
                 scale[j] = sumlx[j] / suml2[j]
                 best[j] = scale[j] * sumlx[j]
+                best_iscale[j] = iscale[j]
     for j in range(lanes):
         scale_out[j] = _ZERO if flat[j] else scale[j]
     for i in range(n):
         for j in range(lanes):
-            L[i, j] = _ZERO if flat[j] else L[i, j]
+            level = min(max((best_iscale[j] * x[i, j] + _MAGIC) - _MAGIC, bottom), top)
+            L[i, j] = _ZERO if flat[j] else level + nmax_f
     return not inexact

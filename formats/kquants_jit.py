@@ -145,7 +145,7 @@ def _finish_affine(x, nmax, ls, lm, d_block, m_block, y, L):
             L[32 * j + i] = max(0, min(nmax, lv))
 
 
-LANE_BLOCKS = 64  # super-blocks searched together: 512 sub-blocks, ~200 KB of lanes
+LANE_BLOCKS = 32  # super-blocks searched together: 256 Q4_K / 512 Q6_K sub-blocks
 
 
 @_jit
