@@ -57,72 +57,90 @@ def _pack_scale_min_k4(scales, ls, lm):
 
 
 @_jit
+def _sub_block_weights(x, qw, j, sigma2, weights):
+    """Sub-block ``j``'s search weights into ``weights`` (32,): ``av_x + |x|`` on the ref
+    path (``qw`` empty), ``qw * sqrt(sigma2 + x**2)`` on the imatrix path; returns their sum
+    (C's ``sum_w`` of the imatrix path, summed in order)."""
+    xb = x[32 * j:32 * j + 32]
+    total = _ZERO
+    if qw.shape[0] == 0:
+        sum_x2 = _ZERO
+        for i in range(32):
+            sum_x2 += xb[i] * xb[i]
+        av_x = F32(np.sqrt(sum_x2 / _SUB_F))
+        for i in range(32):
+            weights[i] = av_x + abs(xb[i])
+        return total
+    for i in range(32):
+        weights[i] = qw[32 * j + i] * F32(np.sqrt(sigma2 + xb[i] * xb[i]))
+        total += weights[i]
+    return total
+
+
+@_jit
+def _impl_sigma2(x, qw):
+    """The imatrix path's ``sigma2 = 2 * sum(x**2) / 256`` (0 on the ref path, unused)."""
+    if qw.shape[0] == 0:
+        return _ZERO
+    sum_x2 = _ZERO
+    for i in range(QK_K):
+        sum_x2 += x[i] * x[i]
+    return _TWO * sum_x2 / _QK_K_F
+
+
+@_jit
+def _quantize_scales(scales, mins, sw, weighted, clamp_qp, ls, lm):
+    """A super-block's 6-bit scales and mins (ls, lm) from its sub-blocks' ones; returns
+    (d, dmin). Ref path: against the largest; imatrix path: make_qp_quants weighted by each
+    sub-block's weight sum ``sw`` (Q5_K's impl clamps the levels to 63, Q4_K's does not)."""
+    if not weighted:
+        max_scale = _ZERO
+        max_min = _ZERO
+        for j in range(8):
+            max_scale = scales[j] if scales[j] > max_scale else max_scale
+            max_min = mins[j] if mins[j] > max_min else max_min
+        inv_scale = _SIXTY_THREE / max_scale if max_scale > _ZERO else _ZERO
+        inv_min = _SIXTY_THREE / max_min if max_min > _ZERO else _ZERO
+        for j in range(8):
+            ls[j] = min(63, ks.nearest_int(inv_scale * scales[j]) & 0xFF)
+            lm[j] = min(63, ks.nearest_int(inv_min * mins[j]) & 0xFF)
+        return max_scale / _SIXTY_THREE, max_min / _SIXTY_THREE
+    d_block = ks.make_qp_quants(8, 63, scales, ls, sw)
+    m_block = ks.make_qp_quants(8, 63, mins, lm, sw)
+    if clamp_qp:
+        for j in range(8):
+            ls[j] = min(63, ls[j])
+            lm[j] = min(63, lm[j])
+    return d_block, m_block
+
+
+@_jit
 def _affine_k_superblock(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, y, L):
-    """One Q4_K / Q5_K super-block: fill y[0:16] (d, dmin, scales) and the levels L[256].
-    ``qw`` empty: the ref path (make_qkx2_quants with av_x + |x| weights), else the imatrix
-    path (make_qkx3_quants with qw * sqrt(sigma2 + x**2), make_qp_quants for the scales)."""
+    """One Q4_K / Q5_K super-block, one sub-block search at a time: fill y[0:16] (d, dmin,
+    scales) and the levels L[256]. ``qw`` empty: the ref path (make_qkx2_quants), else the
+    imatrix path (make_qkx3_quants, make_qp_quants for the scales)."""
     weights = np.empty(32, np.float32)
     laux = np.empty(32, np.uint8)
     scales = np.empty(8, np.float32)
     mins = np.empty(8, np.float32)
+    sw = np.empty(8, np.float32)
     ls = np.empty(8, np.uint8)
     lm = np.empty(8, np.uint8)
-    if qw.shape[0] == 0:
-        max_scale = _ZERO
-        max_min = _ZERO
-        for j in range(8):
-            xb = x[32 * j:32 * j + 32]
-            sum_x2 = _ZERO
-            for i in range(32):
-                sum_x2 += xb[i] * xb[i]
-            av_x = F32(np.sqrt(sum_x2 / _SUB_F))
-            for i in range(32):
-                weights[i] = av_x + abs(xb[i])
-            scale, the_min = ks.make_qkx2_quants(32, nmax, xb, weights, L[32 * j:32 * j + 32],
-                                                 laux, rmin, rdelta, nstep, False)
-            scales[j] = scale
-            mins[j] = the_min
-            if scale > max_scale:
-                max_scale = scale
-            if the_min > max_min:
-                max_min = the_min
-        d_block, m_block = _quantize_scales_ref(scales, mins, max_scale, max_min, ls, lm)
-    else:
-        sw = np.empty(8, np.float32)
-        sum_x2 = _ZERO
-        for i in range(QK_K):
-            sum_x2 += x[i] * x[i]
-        sigma2 = _TWO * sum_x2 / _QK_K_F
-        for j in range(8):
-            xb = x[32 * j:32 * j + 32]
-            for i in range(32):
-                weights[i] = qw[32 * j + i] * F32(np.sqrt(sigma2 + xb[i] * xb[i]))
-            sumw = _ZERO
-            for i in range(32):
-                sumw += weights[i]
-            sw[j] = sumw
+    weighted = qw.shape[0] > 0
+    sigma2 = _impl_sigma2(x, qw)
+    for j in range(8):
+        sw[j] = _sub_block_weights(x, qw, j, sigma2, weights)
+        xb = x[32 * j:32 * j + 32]
+        if weighted:
             scale, the_min = ks.make_qkx3_quants(32, nmax, xb, weights, L[32 * j:32 * j + 32],
                                                  laux, _IMPL_RMIN, _IMPL_RDELTA, 36, False)
-            scales[j] = scale
-            mins[j] = the_min
-        d_block = ks.make_qp_quants(8, 63, scales, ls, sw)
-        m_block = ks.make_qp_quants(8, 63, mins, lm, sw)
-        if clamp_qp:  # Q5_K's impl clamps the levels to 63, Q4_K's does not
-            for j in range(8):
-                ls[j] = min(63, ls[j])
-                lm[j] = min(63, lm[j])
+        else:
+            scale, the_min = ks.make_qkx2_quants(32, nmax, xb, weights, L[32 * j:32 * j + 32],
+                                                 laux, rmin, rdelta, nstep, False)
+        scales[j] = scale
+        mins[j] = the_min
+    d_block, m_block = _quantize_scales(scales, mins, sw, weighted, clamp_qp, ls, lm)
     _finish_affine(x, nmax, ls, lm, d_block, m_block, y, L)
-
-
-@_jit
-def _quantize_scales_ref(scales, mins, max_scale, max_min, ls, lm):
-    """The ref path's 6-bit scales and mins (ls, lm) of a super-block; returns (d, dmin)."""
-    inv_scale = _SIXTY_THREE / max_scale if max_scale > _ZERO else _ZERO
-    inv_min = _SIXTY_THREE / max_min if max_min > _ZERO else _ZERO
-    for j in range(8):
-        ls[j] = min(63, ks.nearest_int(inv_scale * scales[j]) & 0xFF)
-        lm[j] = min(63, ks.nearest_int(inv_min * mins[j]) & 0xFF)
-    return max_scale / _SIXTY_THREE, max_min / _SIXTY_THREE
 
 
 @_jit
@@ -168,6 +186,7 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
     aux = np.empty((32, lanes), np.float32)
     scale = np.empty(lanes, np.float32)
     the_min = np.empty(lanes, np.float32)
+    weights = np.empty(32, np.float32)
     ls = np.empty(8, np.uint8)
     lm = np.empty(8, np.uint8)
     for start in range(0, nblocks, LANE_BLOCKS):
@@ -177,30 +196,14 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
             wt[:, 8 * count:] = _ZERO
         for b in range(count):
             values = x[start + b]
-            if weighted:
-                sum_x2 = _ZERO
-                for i in range(QK_K):
-                    sum_x2 += values[i] * values[i]
-                sigma2 = _TWO * sum_x2 / _QK_K_F
+            qw_row = qw[start + b] if weighted else qw[0:0, 0]
+            sigma2 = _impl_sigma2(values, qw_row)
             for j in range(8):
                 lane = 8 * b + j
-                sub = values[32 * j:32 * j + 32]
-                if weighted:
-                    sumw = _ZERO
-                    for i in range(32):
-                        xt[i, lane] = sub[i]
-                        wt[i, lane] = qw[start + b, 32 * j + i] * \
-                            F32(np.sqrt(sigma2 + sub[i] * sub[i]))
-                        sumw += wt[i, lane]
-                    sw[lane] = sumw
-                    continue
-                sum_x2 = _ZERO
+                sw[lane] = _sub_block_weights(values, qw_row, j, sigma2, weights)
                 for i in range(32):
-                    sum_x2 += sub[i] * sub[i]
-                av_x = F32(np.sqrt(sum_x2 / _SUB_F))
-                for i in range(32):
-                    xt[i, lane] = sub[i]
-                    wt[i, lane] = av_x + abs(sub[i])
+                    xt[i, lane] = values[32 * j + i]
+                    wt[i, lane] = weights[i]
         exact = kl.qkx2_lanes(nmax, xt, wt, lt, scale, the_min, rmin, rdelta, nstep, aux)
         for b in range(count):
             block = start + b
@@ -209,27 +212,11 @@ def _affine_k_levels(x, qw, nmax, rmin, rdelta, nstep, clamp_qp, out, levels):
                                      rmin, rdelta, nstep, clamp_qp, out[block], L)
                 levels[block] = L
                 continue
-            max_scale = _ZERO
-            max_min = _ZERO
             for j in range(8):
-                s = scale[8 * b + j]
-                m = the_min[8 * b + j]
-                max_scale = s if s > max_scale else max_scale
-                max_min = m if m > max_min else max_min
                 for i in range(32):
                     L[32 * j + i] = np.uint8(lt[i, 8 * b + j])
-            if weighted:
-                d_block = ks.make_qp_quants(8, 63, scale[8 * b:8 * b + 8], ls, sw[8 * b:8 * b + 8])
-                m_block = ks.make_qp_quants(8, 63, the_min[8 * b:8 * b + 8], lm,
-                                            sw[8 * b:8 * b + 8])
-                if clamp_qp:  # Q5_K's impl clamps the levels to 63, Q4_K's does not
-                    for j in range(8):
-                        ls[j] = min(63, ls[j])
-                        lm[j] = min(63, lm[j])
-            else:
-                d_block, m_block = _quantize_scales_ref(scale[8 * b:8 * b + 8],
-                                                        the_min[8 * b:8 * b + 8], max_scale,
-                                                        max_min, ls, lm)
+            d_block, m_block = _quantize_scales(scale[8 * b:8 * b + 8], the_min[8 * b:8 * b + 8],
+                                                sw[8 * b:8 * b + 8], weighted, clamp_qp, ls, lm)
             _finish_affine(x[block], nmax, ls, lm, d_block, m_block, out[block], L)
             levels[block] = L
 
