@@ -157,3 +157,24 @@ def test_split_gguf_is_one_target(example_ckpt, reference, tmp_path):
     (target,) = report["targets"]
     assert "-00001-of-" in target["label"]
     assert len(target["files"]) == len(list((tmp_path / "g").glob("*.gguf")))
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+@pytest.mark.skipif(llama_lib.unavailable() is not None, reason="llama-cpp-python missing")
+def test_llama_cpp_runs_every_k_mixture_with_parity(make_checkpoint, tmp_path):
+    """Every llama-quantize mixture mmconvert writes (rows of 256: the K and IQ types, not
+    their fallbacks) loads in llama.cpp, and its projector-injected logits pass against the
+    dequantized reference with llama.cpp's input rounding, at the documented limits."""
+    from mmconvert.formats.gguf_mixtures import MIXTURES
+
+    ckpt = make_checkpoint(hidden_size=256, intermediate_size=512, head_dim=64)
+    export_gguf(read_checkpoint(ckpt), tmp_path / "g", outtypes=[m.lower() for m in MIXTURES])
+    code, out, report = run(ckpt, [tmp_path / "g"], None, "--backend", "gguf_llama",
+                            "--greedy-tokens", "4", tmp_path=tmp_path)
+    assert code == 0, out
+    assert sorted(t["output_type"] for t in report["targets"]) == sorted(MIXTURES)
+    for t in report["targets"]:
+        assert t["status"] == "pass" and t["compared_with"] == "dequantized", t["causes"]
+        assert t["input_rounding_sensitivity"] is None  # passed without widening
+        assert {c["name"]: c["passed"] for c in t["checks"]}["tokenizer parity"]
