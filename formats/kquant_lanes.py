@@ -159,13 +159,12 @@ _TENTH = F32(0.1)
 
 
 @_jit
-def qx_lanes(nmax, x, L, scale_out, aux, qw, weighted):
+def qx_lanes(nmax, x, L, scale_out, qw, weighted):
     """``make_qx_quants(16, nmax, x[:, j], L[:, j], 1, w)`` (Q6_K's search) for every lane
     ``j``, the weights ``qw[:, j]`` when ``weighted`` else C's NULL (x**2). ``x``, ``qw``:
     float32 (n, lanes); ``L``: float32 (n, lanes) out, the stored levels (``nmax + l``);
-    ``scale_out``: float32 (lanes,) out; ``aux``: float32 (n, lanes) scratch (unused, kept
-    for the callers' buffers). Returns False when some lane may leave nearest_int's exact
-    range. As in :func:`qkx2_lanes`: the range is checked per lane and step
+    ``scale_out``: float32 (lanes,) out. Returns False when some lane may leave
+    nearest_int's exact range. As in :func:`qkx2_lanes`: the range is checked per lane and step
     (``|iscale * x| <= |iscale| * amax``), NaN once, and the levels of the accepted step are
     recomputed at the end."""
     n, lanes = x.shape

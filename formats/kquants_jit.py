@@ -271,7 +271,6 @@ def _q6_k_searches(x, qw, all_scales, all_levels):
     xt = np.empty((16, lanes), np.float32)
     wt = np.empty((16, lanes), np.float32)
     lt = np.empty((16, lanes), np.float32)
-    aux = np.empty((16, lanes), np.float32)
     scale = np.empty(lanes, np.float32)
     for start in range(0, nblocks, LANE_BLOCKS):
         count = min(LANE_BLOCKS, nblocks - start)
@@ -284,7 +283,7 @@ def _q6_k_searches(x, qw, all_scales, all_levels):
                     xt[i, 16 * b + ib] = x[start + b, 16 * ib + i]
                     if weighted:
                         wt[i, 16 * b + ib] = qw[start + b, 16 * ib + i]
-        exact = kl.qx_lanes(32, xt, lt, scale, aux, wt, weighted)
+        exact = kl.qx_lanes(32, xt, lt, scale, wt, weighted)
         for b in range(count):
             block = start + b
             for ib in range(16):

@@ -84,7 +84,7 @@ def test_qx_lanes_equal_the_one_block_search(weighted):
     qw = (np.random.default_rng(6).random(subs.shape) + 0.1).astype(F32)
     x, w = np.ascontiguousarray(subs.T), np.ascontiguousarray(qw.T)
     L, scale = np.empty((16, lanes), F32), np.empty(lanes, F32)
-    assert kl.qx_lanes(32, x, L, scale, np.empty_like(x), w, weighted)
+    assert kl.qx_lanes(32, x, L, scale, w, weighted)
     for j, sub in enumerate(subs):
         levels = np.empty(16, np.int8)
         s = ks.make_qx_quants(16, 32, sub, levels, 1, qw[j] if weighted else ks.NO_WEIGHTS)
@@ -115,8 +115,7 @@ def test_lanes_report_values_outside_their_exact_range():
     assert not kl.qkx2_lanes(15, x, w, out, np.empty(2, F32), np.empty(2, F32), F32(-1.0),
                              F32(0.1), 20, np.empty_like(x))
     nan = np.ascontiguousarray(np.stack([rows[2, 688:704], rows[0, :16]]).T)
-    assert not kl.qx_lanes(32, nan, np.empty((16, 2), F32), np.empty(2, F32),
-                           np.empty_like(nan), nan, False)
+    assert not kl.qx_lanes(32, nan, np.empty((16, 2), F32), np.empty(2, F32), nan, False)
 
 
 @pytest.mark.llama

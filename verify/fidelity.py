@@ -45,6 +45,13 @@ INPUT_ROUNDING: dict[str, str] = {"gguf_llama": "llama.cpp"}
 ROUNDED_EXACT_TYPES = ("F16", "BF16")
 
 
+def rejudged_with_rounding(target: Target) -> bool:
+    """An unquantized target whose runtime rounds its matmul inputs: judged against the source
+    first, and against its own weights with rounded inputs if its logits alone fail (its
+    runtime logits are kept for that)."""
+    return target.backend in INPUT_ROUNDING and target.output_type in ROUNDED_EXACT_TYPES
+
+
 def widened_limits(limits: dict[str, float], sensitivity: dict[str, float]
                    ) -> dict[str, float]:
     """The fidelity limits on a model that amplifies rounding. ``sensitivity`` compares the

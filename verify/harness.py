@@ -48,9 +48,9 @@ from mmconvert.verify.fidelity import (
     FIDELITY_LIMITS,
     INPUT_ROUNDING,
     NO_GATES,
-    ROUNDED_EXACT_TYPES,
     QualityGates,
     is_quantized,
+    rejudged_with_rounding,
     widened_limits,
 )
 from mmconvert.verify.metrics import Metrics, aggregate, compare_logits
@@ -147,19 +147,20 @@ class TargetResult:
     @property
     def only_logits_failed(self) -> bool:
         """Failed on the logits thresholds alone (every other check passed)."""
-        return bool(self.failures) and not (
-            self.errors or self.facts or self.tensor_diffs
-            or any(ok is False for _, ok, _ in self.checks)
-            or any(c.error for c in self.cases))
+        return bool(self.failures) and not self._causes_besides_logits()
 
-    @property
-    def causes(self) -> list[str]:
-        """Why it failed, most specific first."""
+    def _causes_besides_logits(self) -> list[str]:
         out = list(self.errors)
         out += [f"fact: {m}" for m in self.facts]
         out += [f"tensor: {d.describe()}" for d in self.tensor_diffs]
         out += [f"{name}: {msg}" for name, ok, msg in self.checks if ok is False]
         out += [f"case {c.name}: {c.error}" for c in self.cases if c.error]
+        return out
+
+    @property
+    def causes(self) -> list[str]:
+        """Why it failed, most specific first."""
+        out = self._causes_besides_logits()
         if self.failures:
             out.append("logits: " + "; ".join(self.failures))
         return out
@@ -475,8 +476,7 @@ def _verify_target(result: TargetResult, model: CanonicalModel, reference: Refer
         result.tensors_checked = len(diffs)
         result.tensor_diffs = rank(diffs)
         label = f"{target.label} [{target.backend}]"
-        rejudged = target.backend in INPUT_ROUNDING and \
-            target.output_type in ROUNDED_EXACT_TYPES  # see verify_bundles
+        rejudged = rejudged_with_rounding(target)  # see verify_bundles
         with _stage(progress, label, len(reference.cases)) as step:
             for case in reference.cases:
                 if progress is None:
@@ -589,7 +589,7 @@ def verify_bundles(model: CanonicalModel, targets: list[Target], reference: Refe
         result = verify_target(t, model, reference, device, dtype, overrides, log, progress,
                                offload=offload, dequantized=rounded, gates=gates,
                                stages=stages, imatrix=imatrix)
-        if rounding and result.only_logits_failed and t.output_type in ROUNDED_EXACT_TYPES:
+        if rejudged_with_rounding(t) and result.only_logits_failed:
             # llama.cpp rounds an F16/BF16 weight's inputs to that type: judge against the
             # stored weights with their inputs rounded so, then as below
             rounded = judge(t, rounding)
