@@ -41,6 +41,7 @@ from mmconvert.formats.gguf_constants import (
 )
 
 VERSIONS = (2, GGUF_VERSION)  # the versions read
+DECODE_CHUNK_BYTES = 64 << 20  # float32 output decoded per step by tensor_array
 # GGUF value type id -> (its GGUFValueType name, struct format of a scalar; "" for the others)
 VALUE_TYPES: dict[int, tuple[str, str]] = {int(t): (t.name, VALUE_FORMATS.get(t.name, ""))
                                            for t in GGUFValueType}
@@ -271,15 +272,25 @@ class GGUFReader:
         return np.frombuffer(self._buf, np.uint8, t.nbytes, t.offset)
 
     def tensor_array(self, name: str) -> np.ndarray:
-        """The tensor as float32 in numpy shape (dequantised by gguf-py's kernels)."""
+        """The tensor as float32 in numpy shape (dequantised by gguf-py's kernels).
+
+        Decoded :data:`DECODE_CHUNK_BYTES` of output at a time into the result: gguf-py's
+        kernels make float32 temporaries of their whole input, which for a 14B model's
+        output matrix would be 6 GB on top of the 3 GB result."""
         from gguf.quants import dequantize
 
         t = self.tensors[name]
+        qtype = GGMLQuantizationType(t.type_id)
         raw = self.tensor_bytes(name)
-        if t.shape:
-            raw = raw.reshape(-1, t.nbytes // max(t.n_elements // t.shape[-1], 1))
-        values = dequantize(raw, GGMLQuantizationType(t.type_id))
-        return np.asarray(values, dtype=np.float32).reshape(t.shape)
+        if not t.shape:
+            return np.asarray(dequantize(raw, qtype), dtype=np.float32)
+        rows = t.n_elements // max(t.shape[-1], 1)
+        raw = raw.reshape(rows, -1)
+        out = np.empty((rows, t.shape[-1]), np.float32)
+        step = max(1, DECODE_CHUNK_BYTES // max(4 * t.shape[-1], 1))
+        for start in range(0, rows, step):
+            out[start:start + step] = dequantize(raw[start:start + step], qtype)
+        return out.reshape(t.shape)
 
 
 def read_gguf_keys(path: str | Path, keys: Collection[str]) -> dict[str, Any]:

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mmconvert.formats import heap
 from mmconvert.formats.hashing import sha256_following
 from mmconvert.formats.nonfinite import SCAN
 from mmconvert.formats.tensor_source import TensorSource
 
-# Source bytes read per slice. Kept well under glibc's largest dynamic mmap threshold (32 MiB,
-# DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), counting the encoders' float32 temporaries (2x a
-# 16-bit slice): a freed slice buffer is then reused from the heap instead of being unmapped
-# and page-faulted in afresh for the next slice, which measured 15x fewer page faults and
-# ~1 s less system time per GB written.
+# Source bytes read per slice. Kept well under the mmap threshold of heap.STREAMING (32 MiB),
+# counting the encoders' float32 temporaries (2x a 16-bit slice): a freed slice buffer is then
+# reused from the heap instead of being unmapped and page-faulted in afresh for the next
+# slice, which measured 15x fewer page faults and ~1 s less system time per GB written.
 CHUNK_BYTES = 8 << 20
 
 Encoder = Callable[[np.ndarray], np.ndarray]  # storage rows in -> output bytes (any dtype) out
@@ -218,6 +218,7 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
     not touch the bytes written.
     """
     progress = locked(progress)
+    heap.use(heap.STREAMING)  # slice buffers reused from the heap, whatever ran before
     workers = workers or max(1, os.cpu_count() or 1)
     digests = []
     pieces = [p for job in _source_order(jobs) for p in _slices(job, chunk_bytes)]

@@ -4,7 +4,9 @@ larger than its memory budget with the rest left on disk (read in place), same l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,8 @@ def test_plan_placement_offloads_what_exceeds_the_budget(monkeypatch):
     assert plan_placement(10 * GiB, "cpu") == ("cpu", {"cpu": 4 * GiB})
     assert plan_placement(10 * GiB, "cpu", "never") == ("cpu", None)
     assert plan_placement(3 * GiB, "cpu", "disk") == ("cpu", {"cpu": 3 * GiB // 2})
+    # room for reading the largest tensor before its cast comes off the budget
+    assert plan_placement(10 * GiB, "cpu", largest_bytes=GiB) == ("cpu", {"cpu": 3 * GiB})
     # several GPUs: spread over them, RAM capped by the budget, the rest on disk
     main, budget = plan_placement(200 * GiB, "cuda", gpu_free=[80 * GiB, 80 * GiB])
     assert main == "cuda:0" and budget[0] == budget[1] == int(0.8 * 80 * GiB)
@@ -167,3 +171,84 @@ def test_gpu_check_refuses_clearly_without_cuda():
     assert result.returncode == 2
     assert "error: no CUDA device" in result.stderr
     assert "+ mmconvert" not in result.stderr  # nothing generated or converted first
+
+
+_REFERENCE_PEAK = """
+import sys
+import torch
+from mmconvert.convert.readers import read_checkpoint
+from mmconvert.verify.cases import default_cases
+from mmconvert.verify.harness import run_reference
+
+def rss(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+model = read_checkpoint(sys.argv[1])
+cases = default_cases(model, generate=2)[:3]
+import transformers.models.qwen3.modeling_qwen3, accelerate.big_modeling  # noqa: E401
+base = rss("VmRSS")
+run_reference(model, cases, "cpu", torch.float32, lambda line: None, offload="auto")
+print("GROWTH", rss("VmHWM") - base)
+"""
+
+
+def test_an_offloaded_reference_stays_within_its_memory_budget(tmp_path):
+    """A checkpoint four times its weight budget (MMCONVERT_VERIFY_MEMORY_BUDGET): the
+    reference's peak resident memory grows by no more than the budget and a small, fixed
+    allowance, with every disk-offloaded layer read, cast, run and dropped per forward.
+
+    At 14B verify was killed at 23.2 GB on a 24 GB machine. Without ``formats.heap.MODELS`` glibc
+    keeps the freed layers resident in fragmented arenas: this run then grows by 332 MB
+    against a 98 MB budget (64 MB with it)."""
+    from testkit.checkpoints import ExampleOptions, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(
+        hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=128, intermediate_size=3072, shards=2))
+    model = read_checkpoint(ckpt)
+    fp32 = model.tensors.total_params() * 4
+    budget = fp32 // 4
+    done = subprocess.run([sys.executable, "-c", _REFERENCE_PEAK, str(ckpt)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, MEMORY_BUDGET_ENV: str(budget)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(next(ln for ln in done.stdout.splitlines()
+                      if ln.startswith("GROWTH")).split()[1])
+    allowance = 64 << 20  # activations, logits, hooks, the interpreter's own growth
+    assert growth <= budget + allowance, (growth / 2**20, budget / 2**20)
+
+
+def test_a_quantized_tensor_is_dequantized_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """The dequantized reference reads each GGUF tensor through gguf-py's kernels, which make
+    float32 temporaries of all they are given: decoded whole, a 14B output matrix (3 GB)
+    would take 9 GB. In chunks the peak is the result and one chunk's temporaries, and the
+    values are those of one whole decode."""
+    import tracemalloc
+
+    import gguf
+    import numpy as np
+
+    from mmconvert.formats import gguf_reader
+
+    rows, cols = 1024, 2048
+    values = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    path = tmp_path / "one.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    qtype = gguf.GGMLQuantizationType.Q8_0
+    writer.add_tensor("w", gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = gguf_reader.GGUFReader(path)
+    whole = gguf.quants.dequantize(reader.tensor_bytes("w").reshape(rows, -1), qtype)
+    monkeypatch.setattr(gguf_reader, "DECODE_CHUNK_BYTES", 256 << 10)
+    tracemalloc.start()
+    try:
+        got = reader.tensor_array("w")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= rows * cols * 4 + (2 << 20), peak / 2**20  # 8 MB result + < 2 MB
+    np.testing.assert_array_equal(got, whole)

@@ -237,15 +237,15 @@ def run_dequantized(target: Target, model: CanonicalModel, reference: ReferenceL
     from mmconvert.verify.backends.gguf_common import GGUFBundle
     from mmconvert.verify.fidelity import dequantized_loaders
     from mmconvert.verify.llama_rounding import round_matmul_inputs
-    from mmconvert.verify.reference import TorchMultimodalQwen3, plan_placement
+    from mmconvert.verify.reference import TorchMultimodalQwen3, plan_placement, weight_bytes
 
     label = f"dequantized {target.label}" + (f", {rounding} input rounding" if rounding else "")
     store: dict[str, torch.Tensor] = {}
     with measure(label, stages if stages is not None else []) as stats:
         tensors = GGUFBundle(target, model).tensors()
         loaders = dequantized_loaders(tensors, model)
-        nbytes = model.tensors.total_params() * torch.finfo(dtype).bits // 8
-        main, max_memory = plan_placement(nbytes, device, offload)
+        nbytes, largest = weight_bytes((r.numel for r in model.tensors.refs()), dtype)
+        main, max_memory = plan_placement(nbytes, device, offload, largest_bytes=largest)
         forward = TorchMultimodalQwen3(model.text, model.projectors, model.multimodal_token_id,
                                        loaders, device=main, dtype=dtype, max_memory=max_memory)
         track(forward.lm, label)

@@ -25,7 +25,7 @@ into ``.dat`` files first.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -185,8 +185,15 @@ def cpu_budget() -> int:
     return max(psutil.virtual_memory().available - MEMORY_MARGIN, 0)
 
 
+def weight_bytes(numels: Iterable[int], dtype: torch.dtype) -> tuple[int, int]:
+    """(all the weights, the largest tensor) in bytes of ``dtype``, from element counts."""
+    counts = list(numels)
+    size = torch.finfo(dtype).bits // 8
+    return sum(counts) * size, max(counts, default=0) * size
+
+
 def plan_placement(model_bytes: int, device: str, offload: str = "auto",
-                   gpu_free: list[int] | None = None
+                   gpu_free: list[int] | None = None, *, largest_bytes: int = 0
                    ) -> tuple[str, dict[int | str, int] | None]:
     """(main device, accelerate ``max_memory`` or None) with the RAM budget applied.
 
@@ -194,13 +201,18 @@ def plan_placement(model_bytes: int, device: str, offload: str = "auto",
     into RAM); ``auto`` caps RAM at :func:`cpu_budget`, so what does not fit stays on disk;
     ``disk`` forces that on a CPU run even when the model fits (at most half in RAM), to
     exercise or to spare memory.
+
+    ``largest_bytes`` (the largest tensor, in the compute dtype) comes off the RAM budget:
+    accelerate keeps room for the largest module it fetches from disk, but not for what
+    reading it takes on the way (the source bytes before their cast: half of it from bf16),
+    so a disk-offloaded forward would otherwise peak above the budget by that much.
     """
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"offload {offload!r}: expected one of {', '.join(OFFLOAD_CHOICES)}")
     main, max_memory = choose_placement(model_bytes, device, gpu_free)
     if offload == "never":
         return main, max_memory
-    budget = cpu_budget()
+    budget = max(cpu_budget() - largest_bytes, 0)
     if offload == "disk":
         budget = min(budget, model_bytes // 2)
     if max_memory is not None:  # spread over the GPUs already: RAM is the next tier
@@ -441,6 +453,6 @@ class ReferenceModel(TorchMultimodalQwen3):
         """On ``device`` (``auto``: CUDA when available), spread by accelerate when too big,
         the layers that do not fit in RAM left on disk (:func:`plan_placement`)."""
         device = resolve_device(device)
-        nbytes = model.tensors.total_params() * torch.finfo(dtype).bits // 8
-        main, max_memory = plan_placement(nbytes, device, offload)
+        nbytes, largest = weight_bytes((r.numel for r in model.tensors.refs()), dtype)
+        main, max_memory = plan_placement(nbytes, device, offload, largest_bytes=largest)
         return cls(model, device=main, dtype=dtype, max_memory=max_memory)

@@ -24,6 +24,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmconvert.formats import heap
+
 Listener = Callable[[str, str], None]  # (event "load" | "free", model label)
 # everyone who wants to see models come and go; tests append and remove themselves
 LISTENERS: list[Listener] = []
@@ -44,8 +46,10 @@ def track(holder: object, label: str) -> None:
 
 def release() -> None:
     """Give a dropped model's memory back: collect reference cycles (transformers' modules
-    have some), then return torch's cached GPU blocks."""
+    have some), hand the allocator's free arenas to the kernel (:mod:`..formats.heap`), then
+    return torch's cached GPU blocks."""
     gc.collect()
+    heap.trim()
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -130,6 +134,7 @@ def measure(name: str, into: list[StageStats]) -> Iterator[StageStats]:
     on an error, so a report shows where the time went)."""
     import torch
 
+    heap.use(heap.MODELS)  # a model freed in one stage must not stay under the next
     stats = StageStats(name)
     exact = _reset_high_water_mark()
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()

@@ -37,7 +37,7 @@ from mmconvert.verify.backends.safetensors import (
 from mmconvert.verify.cases import Case
 from mmconvert.verify.derived import with_derivations
 from mmconvert.verify.facts import TEXT_KEYS, projector_facts
-from mmconvert.verify.reference import plan_placement
+from mmconvert.verify.reference import plan_placement, weight_bytes
 
 
 def projector_specs_from_config(mm: dict[str, Any], where: str) -> dict[str, ProjectorSpec]:
@@ -152,8 +152,9 @@ class HFRunner(Runner):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # verify prints its own progress
-        nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
-        main, max_memory = plan_placement(nbytes, device, self.offload)
+        nbytes, largest = weight_bytes((bt.numel for bt in tensors.values()), dtype)
+        main, max_memory = plan_placement(nbytes, device, self.offload,
+                                          largest_bytes=largest)
         kwargs: dict[str, Any] = {"trust_remote_code": True, "dtype": dtype,
                                   "local_files_only": True}
         if main != "cpu" or max_memory:

@@ -17,6 +17,7 @@ from mmconvert.verify.reference import (
     TorchMultimodalQwen3,
     canonical_to_neox,
     plan_placement,
+    weight_bytes,
 )
 
 
@@ -39,8 +40,8 @@ def build_forward(text: TextSpec, projectors: dict[str, ProjectorSpec],
         return load
 
     loaders = {name: loader(bt) for name, bt in tensors.items() if name}
-    nbytes = sum(bt.numel for bt in tensors.values()) * torch.finfo(dtype).bits // 8
-    main, max_memory = plan_placement(nbytes, device, offload)
+    nbytes, largest = weight_bytes((bt.numel for bt in tensors.values()), dtype)
+    main, max_memory = plan_placement(nbytes, device, offload, largest_bytes=largest)
     return TorchMultimodalQwen3(text, projectors, placeholder_id, loaders, device=main,
                                 dtype=dtype, max_memory=max_memory)
 
