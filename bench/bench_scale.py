@@ -16,7 +16,12 @@ passes ``--mem-limit-gb`` (default: 20 GB or 85 % of RAM, the smaller), so the m
 runs out of memory; the cell then says "killed at N GB". A run is skipped, and says so, when
 the disk lacks room for its output. Sources smaller than 40 % of RAM are read once before each
 run (both tools start from a warm page cache); larger ones are not (no tool gets them cached).
-The verify column is left for verify's own measurements (issue 12 item 3).
+
+verify: the output of ``--verify-target`` (default ``gguf-q8_0``) is kept after its conversion
+and verified (``bench/verify_stages.py``: ``--verify-cases`` built-in cases, the llama.cpp
+backend, in a guarded child process like the conversions); the main table's verify column
+gives its verdict, wall time and peak RSS, and a second table its time and peak RSS per stage
+(the reference, the dequantized reference, each target), as verify reports them.
 
     python bench/bench_scale.py --shapes 0.6b,8b
     python bench/bench_scale.py --shapes 14b --targets gguf-q8_0 --remove-after
@@ -120,7 +125,8 @@ def ours_command(src: Source, target: str, out: Path) -> list[str]:
 
 
 def measure(src: Source, target: str, tool: str, work: Path, peer: tuple[Path, str] | None,
-            limit: int, logs: Path) -> Run:
+            limit: int, logs: Path, keep: Path | None = None) -> Run:
+    """One conversion; ``keep``: move its output there instead of deleting it."""
     if tool == "peer" and (target not in PEER_OUTTYPES or src.peer is None):
         return Run(None, note="n/a")
     if tool == "ours" and target == "gguf-q4_k_m" and not has_q4_k():
@@ -144,6 +150,9 @@ def measure(src: Source, target: str, tool: str, work: Path, peer: tuple[Path, s
         warm(src.peer if tool == "peer" and src.peer else Path(src.ours[0]))
     log = logs / f"{src.label}-{target}-{tool}.log"
     r = run_guarded(cmd, env, log, limit)
+    if keep is not None and r.rc == 0:
+        shutil.rmtree(keep, ignore_errors=True)
+        out.rename(keep)
     shutil.rmtree(out, ignore_errors=True)
     settle()
     if r.rc not in (0, None) and not r.note:
@@ -169,6 +178,38 @@ def sources(shapes: list[str], moe_layers: int | None, out: Path) -> list[Source
     return found
 
 
+@dataclass
+class Verified:
+    run: Run
+    passed: bool | None = None
+    stages: list[dict] | None = None
+
+    def cell(self) -> str:
+        if self.run.rc is None or self.stages is None:
+            return self.run.note or f"rc {self.run.rc}"
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{verdict}, {self.run.wall_s:.0f} s, {self.run.peak_mb / 1e3:.1f} GB"
+
+
+def verify_output(src: Source, bundle: Path, cases: int, limit: int, logs: Path) -> Verified:
+    """verify ``bundle`` against ``src`` in a guarded child; its stages from the JSON."""
+    report = logs / f"{src.label}-verify.json"
+    report.unlink(missing_ok=True)
+    ckpt, *read = src.ours  # [folder] or [folder, "--projector", file]
+    cmd = [sys.executable, str(Path(__file__).with_name("verify_stages.py")), ckpt,
+           str(bundle), *read, "--cases", str(cases), "--greedy-tokens", "2",
+           "--backend", "gguf_llama", "--json", str(report)]
+    # verify plans its weights in RAM under the watchdog's limit, less room for the rest
+    env = dict(os.environ, MMCONVERT_VERIFY_MEMORY_BUDGET=str(max(limit - (4 << 30), 1 << 30)))
+    settle()
+    r = run_guarded(cmd, env, logs / f"{src.label}-verify.log", limit)
+    if not report.is_file():
+        r.note = r.note or f"failed: {last_error(logs / f'{src.label}-verify.log')}"
+        return Verified(r)
+    doc = json.loads(report.read_text())
+    return Verified(r, doc["passed"], doc["stages"])
+
+
 def cell(r: Run) -> str:
     if r.rc is None or r.rc != 0:
         return r.note or f"rc {r.rc}"
@@ -192,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="kill a run whose anonymous memory passes this [min(20, 85%% RAM)]")
     parser.add_argument("--remove-after", action="store_true",
                         help="delete each generated big checkpoint once its shape is measured")
+    parser.add_argument("--verify-target", default="gguf-q8_0",
+                        help="the target whose output verify checks, or none [gguf-q8_0]")
+    parser.add_argument("--verify-cases", type=int, default=1,
+                        help="built-in cases verify runs (each is a forward per stage) [1]")
     parser.add_argument("--json", type=Path, default=None, help="also write every run here")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -205,32 +250,48 @@ def main(argv: list[str] | None = None) -> int:
         peer = (peer_dir, choose_gguf(peer_dir)[0])
     logs = args.out / "scale-logs"
     logs.mkdir(exist_ok=True)
-    rows, report = [], []
+    rows, report, stage_rows = [], [], []
     for name in [s for s in args.shapes.split(",") if s]:
         (src,) = sources([name], args.moe_layers, args.out)
         gen = f", generated in {src.generated_s:.0f} s" if src.generated_s else ""
         print(f"{src.label}: {src.nbytes / 1e9:.1f} GB of weights{gen}", file=sys.stderr)
+        kept = args.out / "scale-verified-bundle"
         for target in targets:
-            runs = {tool: measure(src, target, tool, args.out, peer, limit, logs)
+            keep = kept if target == args.verify_target else None
+            runs = {tool: measure(src, target, tool, args.out, peer, limit, logs,
+                                  keep if tool == "ours" else None)
                     for tool in ("ours", "peer") if tool == "ours" or peer}
             ours, other = runs["ours"], runs.get("peer", Run(None, note="not run"))
             ratio = (f"{ours.wall_s / other.wall_s:.2f}x" if ours.rc == 0 and other.rc == 0
                      else "")
+            checked = None
+            if keep is not None and keep.is_dir():
+                checked = verify_output(src, keep, args.verify_cases, limit, logs)
+                shutil.rmtree(keep, ignore_errors=True)
+                stage_rows += [[src.label, st["stage"], f"{st['seconds']:.0f} s",
+                                f"{st['peak_rss_bytes'] / 1e9:.1f} GB", st["note"]]
+                               for st in checked.stages or []]
             rows.append([src.label, f"{src.nbytes / 1e9:.1f}", target, cell(ours), cell(other),
-                         ratio, ""])
+                         ratio, checked.cell() if checked else ""])
             report.append({"shape": src.label, "source_bytes": src.nbytes, "target": target,
                            "generated_s": src.generated_s,
                            **{f"{tool}_{k}": v for tool, r in runs.items()
-                              for k, v in vars(r).items()}})
-            print(f"  {target:12} mmconvert {cell(ours):28} peer {cell(other)}",
-                  file=sys.stderr)
+                              for k, v in vars(r).items()},
+                           **({"verify": {**vars(checked.run), "passed": checked.passed,
+                                          "stages": checked.stages}} if checked else {})})
+            print(f"  {target:12} mmconvert {cell(ours):28} peer {cell(other)}"
+                  + (f"  verify {checked.cell()}" if checked else ""), file=sys.stderr)
         if args.remove_after and src.root is not None:
             shutil.rmtree(src.root, ignore_errors=True)
     print(format_table(["shape", "GB", "target", "mmconvert (wall, peak RSS)",
                         "llama.cpp convert_hf_to_gguf", "time ratio", "verify"], rows))
+    if stage_rows:
+        print()
+        print(format_table(["shape", "verify stage", "wall", "peak RSS", "note"], stage_rows))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if all(r["ours_rc"] in (0, None) for r in report) else 1
+    return 0 if all(r["ours_rc"] in (0, None) and r.get("verify", {}).get("passed") is not False
+                    for r in report) else 1
 
 
 if __name__ == "__main__":

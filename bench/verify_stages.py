@@ -25,14 +25,16 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 
 
-def write_cases(ckpt: Path, count: int, path: Path, greedy_tokens: int = 8) -> Path:
-    """The first ``count`` built-in cases of ``ckpt`` as a cases file."""
+def write_cases(ckpt: Path, count: int, path: Path, greedy_tokens: int = 8,
+                **read: Any) -> Path:
+    """The first ``count`` built-in cases of ``ckpt`` as a cases file (``read``: how to read
+    the checkpoint, as ``api.verify`` takes it: ``projector=`` for a plain Qwen3 folder)."""
     from safetensors.torch import save_file
 
     from mmconvert.convert.readers import read_checkpoint
     from mmconvert.verify.cases import CASES_KEY, CASES_VERSION, cases_to_file_parts, default_cases
 
-    cases = default_cases(read_checkpoint(ckpt), generate=greedy_tokens)[:count]
+    cases = default_cases(read_checkpoint(ckpt, **read), generate=greedy_tokens)[:count]
     tensors, entries = cases_to_file_parts(cases)
     if not tensors:  # safetensors wants at least one tensor; text-only cases have none
         import torch
@@ -45,7 +47,8 @@ def write_cases(ckpt: Path, count: int, path: Path, greedy_tokens: int = 8) -> P
 
 def verify_stages(ckpt: Path, bundles: Sequence[Path], *, cases: int = 1,
                   backends: Sequence[str] = (), device: str = "cpu", dtype: str = "float32",
-                  offload: str = "auto", greedy_tokens: int = 8, log=None) -> dict[str, Any]:
+                  offload: str = "auto", greedy_tokens: int = 8, log=None,
+                  **read: Any) -> dict[str, Any]:
     """{"passed", "stages": [{stage, seconds, peak_rss_bytes, peak_gpu_bytes, note}],
     "targets": [{label, backend, type, status, reason, compared_with, overall, loss}]}."""
     from mmconvert import api
@@ -53,10 +56,10 @@ def verify_stages(ckpt: Path, bundles: Sequence[Path], *, cases: int = 1,
 
     with tempfile.TemporaryDirectory(prefix="verify-stages-") as tmp:
         cases_file = write_cases(Path(ckpt), cases, Path(tmp) / "cases.safetensors",
-                                 greedy_tokens)
+                                 greedy_tokens, **read)
         result = api.verify(ckpt, list(bundles), device=device, dtype=dtype,
                             cases=str(cases_file), greedy_tokens=greedy_tokens,
-                            backends=tuple(backends), offload=offload, log=log)
+                            backends=tuple(backends), offload=offload, log=log, **read)
     doc = to_json(result)
     return {
         "passed": result.passed,
@@ -79,11 +82,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--offload", default="auto", choices=["auto", "never", "disk"])
+    parser.add_argument("--greedy-tokens", type=int, default=8)
+    parser.add_argument("--projector", type=Path, help="projector weights of a plain Qwen3 "
+                        "folder (its projector.json beside it)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
+    read = {"projector": args.projector} if args.projector else {}
     out = verify_stages(args.ckpt, args.bundles, cases=args.cases, backends=args.backends,
                         device=args.device, dtype=args.dtype, offload=args.offload,
-                        log=lambda line: print(line, file=sys.stderr))
+                        greedy_tokens=args.greedy_tokens,
+                        log=lambda line: print(line, file=sys.stderr), **read)
     for s in out["stages"]:
         gpu = f", peak GPU {s['peak_gpu_bytes'] / 2**30:.2f} GiB" if s["peak_gpu_bytes"] else ""
         print(f"{s['stage']}: {s['seconds']:.1f}s, peak RSS "
