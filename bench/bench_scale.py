@@ -20,8 +20,9 @@ run (both tools start from a warm page cache); larger ones are not (no tool gets
 verify: the output of ``--verify-target`` (default ``gguf-q8_0``) is kept after its conversion
 and verified (``bench/verify_stages.py``: ``--verify-cases`` built-in cases, the llama.cpp
 backend, in a guarded child process like the conversions); the main table's verify column
-gives its verdict, wall time and peak RSS, and a second table its time and peak RSS per stage
-(the reference, the dequantized reference, each target), as verify reports them.
+gives its verdict, wall time and peak RSS, and a second table its time, peak RSS and peak
+anonymous memory per stage (the reference, the dequantized reference, each target), as verify
+reports them (RSS also counts mapped GGUF pages, page cache; see docs/verification.md).
 
     python bench/bench_scale.py --shapes 0.6b,8b
     python bench/bench_scale.py --shapes 14b --targets gguf-q8_0 --remove-after
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                 checked = verify_output(src, keep, args.verify_cases, limit, logs)
                 shutil.rmtree(keep, ignore_errors=True)
                 stage_rows += [[src.label, st["stage"], f"{st['seconds']:.0f} s",
-                                f"{st['peak_rss_bytes'] / 1e9:.1f} GB", st["note"]]
+                                f"{st['peak_rss_bytes'] / 1e9:.1f} GB",
+                                f"{st.get('peak_anon_bytes', 0) / 1e9:.1f} GB", st["note"]]
                                for st in checked.stages or []]
             rows.append([src.label, f"{src.nbytes / 1e9:.1f}", target, cell(ours), cell(other),
                          ratio, checked.cell() if checked else ""])
@@ -287,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                         "llama.cpp convert_hf_to_gguf", "time ratio", "verify"], rows))
     if stage_rows:
         print()
-        print(format_table(["shape", "verify stage", "wall", "peak RSS", "note"], stage_rows))
+        print(format_table(["shape", "verify stage", "wall", "peak RSS", "peak anonymous",
+                            "note"], stage_rows))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if all(r["ours_rc"] in (0, None) and r.get("verify", {}).get("passed") is not False

@@ -31,10 +31,11 @@ def write_cases(ckpt: Path, count: int, path: Path, greedy_tokens: int = 8,
     the checkpoint, as ``api.verify`` takes it: ``projector=`` for a plain Qwen3 folder)."""
     from safetensors.torch import save_file
 
-    from mmconvert.convert.readers import read_checkpoint
+    from mmconvert.convert.readers import ReadOptions, read_checkpoint
     from mmconvert.verify.cases import CASES_KEY, CASES_VERSION, cases_to_file_parts, default_cases
 
-    cases = default_cases(read_checkpoint(ckpt, **read), generate=greedy_tokens)[:count]
+    model = read_checkpoint(ckpt, ReadOptions(**read))
+    cases = default_cases(model, generate=greedy_tokens)[:count]
     tensors, entries = cases_to_file_parts(cases)
     if not tensors:  # safetensors wants at least one tensor; text-only cases have none
         import torch
@@ -95,8 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in out["stages"]:
         gpu = f", peak GPU {s['peak_gpu_bytes'] / 2**30:.2f} GiB" if s["peak_gpu_bytes"] else ""
         print(f"{s['stage']}: {s['seconds']:.1f}s, peak RSS "
-              f"{s['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}" + (f" ({s['note']})" if s["note"]
-                                                              else ""))
+              f"{s['peak_rss_bytes'] / 2**30:.2f} GiB (anonymous "
+              f"{s['peak_anon_bytes'] / 2**30:.2f} GiB){gpu}"
+              + (f" ({s['note']})" if s["note"] else ""))
     for t in out["targets"]:
         loss = t["loss"] or {}
         print(f"{t['label']} [{t['backend']}] {t['type']} vs {t['compared_with']}: "

@@ -105,6 +105,8 @@ def test_user_cases_from_prompts_and_messages(example_ckpt, tmp_path):
     ({"cases": [{"name": "a", "prompt": "hi", "mm": {"m1": ["x"]}}]}, {"x": torch.zeros(47)},
      "takes input_dim 48"),
     ({"cases": [{"name": "a"}]}, {"x": torch.zeros(48)}, "none of input_ids"),
+    ({"cases": [{"name": "a", "prompt": "see <|multimodal|>", "mm": {"m1": ["x"]}}]},
+     {"x": torch.zeros(3, 48)}, "1 placeholder tokens for 3 projected rows"),
 ])
 def test_bad_cases_files_are_clear_errors(example_ckpt, tmp_path, doc, tensors, message):
     model = read_checkpoint(example_ckpt)

@@ -71,9 +71,12 @@ def test_no_two_models_alive_at_once(example_ckpt, bundles, events, tmp_path):
     # one stage per model, each timed and measured, in the report and the JSON
     assert [s.name for s in result.stages] == loaded
     assert all(s.seconds > 0 and s.peak_rss > 50 * 2**20 for s in result.stages)
+    # anonymous memory: measured (the interpreter and torch hold 100+ MB of it), never above
+    # the RSS, which also counts mapped files
+    assert all(100 * 2**20 < s.peak_anon <= s.peak_rss for s in result.stages)
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [s["name"] for s in doc["stages"]] == loaded
-    assert all(s["peak_rss_bytes"] > 0 for s in doc["stages"])
+    assert all(s["peak_rss_bytes"] > 0 and s["peak_anon_bytes"] > 0 for s in doc["stages"])
     from mmconvert.verify.report import terminal_report
 
     text = terminal_report(result)

@@ -22,6 +22,7 @@ import torch
 
 from mmconvert.convert.model import CanonicalModel
 from mmconvert.errors import CasesError
+from mmconvert.runtime.fusion import fusion_positions
 
 CASES_KEY = "mmconvert.cases"
 CASES_VERSION = 1
@@ -271,6 +272,11 @@ def cases_from_entries(entries: list[dict[str, Any]], tensors: dict[str, torch.T
                     [int(i) for i in entry.get("continuation") or []])
         if not case.input_ids:
             raise CasesError(f"{where}: case {name!r} has an empty prompt")
+        if model is not None:  # refused now, not after the reference ran the cases before it
+            try:
+                fusion_positions(case.full_ids, model.multimodal_token_id, case.n_rows)
+            except ValueError as exc:
+                raise CasesError(f"{where}: case {name!r}: {exc}") from None
         cases.append(case)
     names = [c.name for c in cases]
     if len(set(names)) != len(names):

@@ -64,18 +64,24 @@ class StageStats:
     name: str
     seconds: float = 0.0
     peak_rss: int = 0  # bytes
+    # bytes of anonymous memory (heap, tensors; not mapped files), sampled: what memory
+    # pressure is made of. RSS also counts the pages of mapped GGUF files, which are page
+    # cache, reclaimable, and shared by the llama.cpp worker that maps the same file
+    peak_anon: int = 0
     peak_gpu: int | None = None  # bytes, None without CUDA
     note: str = ""  # e.g. "disk offload", "skipped: ..."
 
     def line(self) -> str:
-        text = f"stage {self.name}: {self.seconds:.1f}s, peak RSS {gib(self.peak_rss)}"
+        text = (f"stage {self.name}: {self.seconds:.1f}s, peak RSS {gib(self.peak_rss)}"
+                f" (anonymous {gib(self.peak_anon)})")
         if self.peak_gpu is not None:
             text += f", peak GPU {gib(self.peak_gpu)}"
         return text + (f" ({self.note})" if self.note else "")
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "seconds": round(self.seconds, 3),
-                "peak_rss_bytes": self.peak_rss, "peak_gpu_bytes": self.peak_gpu,
+                "peak_rss_bytes": self.peak_rss, "peak_anon_bytes": self.peak_anon,
+                "peak_gpu_bytes": self.peak_gpu,
                 "note": self.note}
 
 
@@ -101,6 +107,18 @@ def _high_water_mark() -> int:
     return 0
 
 
+def _anonymous(pid: int) -> int:
+    """``RssAnon`` of a process in bytes (0 where ``/proc`` has no such line)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class _Sampler(threading.Thread):
     """Largest resident size of this process plus its children seen while running."""
 
@@ -111,17 +129,20 @@ class _Sampler(threading.Thread):
         self.process = psutil.Process()
         self.peak = 0  # this process and its children together
         self.children_peak = 0
+        self.anon_peak = 0  # anonymous memory, this process and its children together
         self.stop = threading.Event()
 
     def sample(self) -> None:
         import psutil
 
-        children = 0
+        children = anon = 0
         for child in self.process.children(recursive=True):
             with suppress(psutil.Error):  # it ended between listing and reading
                 children += child.memory_info().rss
+                anon += _anonymous(child.pid)
         self.children_peak = max(self.children_peak, children)
         self.peak = max(self.peak, self.process.memory_info().rss + children)
+        self.anon_peak = max(self.anon_peak, anon + _anonymous(self.process.pid))
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_SECONDS):
@@ -155,6 +176,7 @@ def measure(name: str, into: list[StageStats]) -> Iterator[StageStats]:
         # peaks did not coincide, never an underestimate of our own
         own = _high_water_mark() if exact else 0
         stats.peak_rss = max(sampler.peak, own + sampler.children_peak)
+        stats.peak_anon = sampler.anon_peak
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             stats.peak_gpu = int(torch.cuda.max_memory_allocated())
         into.append(stats)
