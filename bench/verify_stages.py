@@ -50,7 +50,8 @@ def verify_stages(ckpt: Path, bundles: Sequence[Path], *, cases: int = 1,
                   backends: Sequence[str] = (), device: str = "cpu", dtype: str = "float32",
                   offload: str = "auto", greedy_tokens: int = 8, log=None,
                   **read: Any) -> dict[str, Any]:
-    """{"passed", "stages": [{stage, seconds, peak_rss_bytes, peak_gpu_bytes, note}],
+    """{"passed", "stages": [{stage, seconds, peak_rss_bytes, peak_anon_bytes, peak_gpu_bytes,
+    note}],
     "targets": [{label, backend, type, status, reason, compared_with, overall, loss}]}."""
     from mmconvert import api
     from mmconvert.verify.report import to_json

@@ -46,7 +46,7 @@ def track(holder: object, label: str) -> None:
 
 def release() -> None:
     """Give a dropped model's memory back: collect reference cycles (transformers' modules
-    have some), hand the allocator's free arenas to the kernel (:mod:`..formats.heap`), then
+    have some), hand the allocator's free arenas to the kernel (``formats/heap.py``), then
     return torch's cached GPU blocks."""
     gc.collect()
     heap.trim()
