@@ -48,9 +48,12 @@ def test_run_on_a_missing_folder_says_so(tmp_path):
 def test_ctrl_c_in_verify_says_interrupted_only(example_ckpt, st_bundle):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
+    # Ctrl-C as a terminal delivers it: a shell's background job (CI started with `&`)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all
     proc = subprocess.Popen([sys.executable, "-m", "mmconvert", "verify", str(example_ckpt),
                              str(st_bundle), "--device", "cpu"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         first = proc.stderr.readline()  # the first progress line: inside the command
