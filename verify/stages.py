@@ -97,22 +97,14 @@ def _reset_high_water_mark() -> bool:
         return False
 
 
-def _high_water_mark() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _anonymous(pid: int) -> int:
-    """``RssAnon`` of a process in bytes (0 where ``/proc`` has no such line)."""
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (``VmHWM``, ``RssAnon``) in bytes; 0 where
+    there is no such file or line."""
+    prefix = field.encode() + b":"
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"RssAnon:"):
+                if line.startswith(prefix):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
@@ -139,10 +131,10 @@ class _Sampler(threading.Thread):
         for child in self.process.children(recursive=True):
             with suppress(psutil.Error):  # it ended between listing and reading
                 children += child.memory_info().rss
-                anon += _anonymous(child.pid)
+                anon += _status_bytes("RssAnon", child.pid)
         self.children_peak = max(self.children_peak, children)
         self.peak = max(self.peak, self.process.memory_info().rss + children)
-        self.anon_peak = max(self.anon_peak, anon + _anonymous(self.process.pid))
+        self.anon_peak = max(self.anon_peak, anon + _status_bytes("RssAnon"))
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_SECONDS):
@@ -174,7 +166,7 @@ def measure(name: str, into: list[StageStats]) -> Iterator[StageStats]:
         sampler.sample()
         # our exact high-water mark plus the workers' sampled one: an upper bound when both
         # peaks did not coincide, never an underestimate of our own
-        own = _high_water_mark() if exact else 0
+        own = _status_bytes("VmHWM") if exact else 0
         stats.peak_rss = max(sampler.peak, own + sampler.children_peak)
         stats.peak_anon = sampler.anon_peak
         if torch.cuda.is_available() and torch.cuda.is_initialized():
