@@ -200,6 +200,9 @@ class TokenizerSpec:
     added_tokens: list[dict[str, Any]]  # {id, content, special}
     chat_template: str | None
     tokenizer_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # tokenizer.json as parsed by the reader (depth-checked): the GGUF vocabulary is built
+    # from it instead of parsing the 5-10 MB file a second time
+    document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

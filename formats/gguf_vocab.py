@@ -92,6 +92,9 @@ class TokenizerFiles(Protocol):
     @property
     def chat_template(self) -> str | None: ...
 
+    @property
+    def document(self) -> dict[str, Any] | None: ...  # tokenizer.json parsed; None: read it
+
 
 class SpecialTokenIds(Protocol):
     """Resolved special ids, primary first (convert's ``SpecialIds``)."""
@@ -281,10 +284,12 @@ def build_vocab(model: VocabSource, n_rows: int, pre_override: str | None = None
     the embedding's rows, so ids beyond the tokenizer are ``[PAD{i}]`` (UNUSED)."""
     spec = model.tokenizer
     path = spec.directory / "tokenizer.json"
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from exc
+    tok = spec.document  # the reader's parse, when it kept it
+    if tok is None:
+        try:
+            tok = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read the tokenizer ({exc})") from exc
     bpe = tok.get("model") or {}
     if bpe.get("type") != "BPE" or not _is_byte_level(tok):
         raise UnsupportedError(f"{path}: only byte-level BPE tokenizers (Qwen's) can be written "

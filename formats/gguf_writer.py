@@ -61,12 +61,9 @@ def _string(text: str) -> bytes:
 
 
 def _strings(items: Sequence[str]) -> bytes:
+    """Each item as a GGUF string, one comprehension (the vocabulary has 150 k of each)."""
     pack = struct.Struct("<Q").pack
-    parts = []
-    for item in items:
-        raw = item.encode("utf-8")
-        parts += (pack(len(raw)), raw)
-    return b"".join(parts)
+    return b"".join([pack(len(raw)) + raw for raw in [item.encode("utf-8") for item in items]])
 
 
 def _scalars(vtype: ValueType, values: Any) -> bytes:
