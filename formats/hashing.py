@@ -21,14 +21,19 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+from mmconvert.errors import CheckpointError
 
 READ_BYTES = 8 << 20
 EDGE_BYTES = 1 << 20  # hashed at each end of a file as part of its cache identity
@@ -307,14 +312,126 @@ def _register(tap: SourceTap, add: bool) -> None:
             _TAPS.pop(tap.key, None)
 
 
-class SourceHashes:
-    """sha256 of a conversion's sources, from the bytes the conversion reads anyway.
+# The hashing child: one sha256 per line for the paths in argv, read 8 MiB at a time; it
+# imports nothing but hashlib, os and sys (Python starts in ~20 ms).
+_CHILD_SCRIPT = """
+import hashlib, os, sys
+for path in sys.argv[1:]:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    print(h.hexdigest(), flush=True)
+"""
 
-    Used as a context manager around the writing, :meth:`result` after it. Cached files (see
-    :func:`sha256_sources`) are not read at all. Safetensors files get a :class:`SourceTap`, fed
-    by the writers' reads (one pass over each file for both); ``reads``, the tensor sources the
-    conversion will read (default: all of them), tells the taps which tensors to read
-    themselves. Other files (configs, the tokenizer, pickles) are hashed in the background.
+
+def child_hash_room() -> int:
+    """Bytes of sources hashed by a child process: half the available memory, so the files
+    stay in the page cache for whichever of the child and the conversion reads second."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return (int(line.split()[1]) << 10) // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # unknown: one pass through the taps is never wrong
+
+
+class _ChildHashes:
+    """sha256 of ``paths`` computed by a child Python process, on a core of its own: hashing
+    in a thread of this process would wait for the GIL whenever the conversion runs Python
+    (parsing the tokenizer, laying out the vocabulary), which is exactly when a core idles."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+        self._digests: dict[str, str] | None = None
+        self._stats = [_stat_key(p) for p in self.paths]  # the versions the child reads
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _CHILD_SCRIPT, *map(str, self.paths)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+
+    def result(self) -> dict[str, str]:
+        """str(path) -> sha256 for every path (waits for the child)."""
+        if self._digests is None:
+            out, _ = self._proc.communicate()
+            digests = out.split()
+            if self._proc.returncode != 0 or len(digests) != len(self.paths):
+                # the child could not read a file: hash here, which raises the error (a
+                # vanished or unreadable file) in this process's words, or gets it right
+                self._digests = sha256_files(self.paths)
+            else:
+                self._digests = dict(zip((str(p) for p in self.paths), digests))
+        for path, before in zip(self.paths, self._stats):
+            # the child and the conversion read the file at different times: a rewrite in
+            # between would leave a manifest whose sha256 is not of the bytes converted
+            if _stat_key(path) != before:
+                raise CheckpointError(f"{path}: changed while it was being converted; "
+                                      "convert again once nothing writes to it")
+        return self._digests
+
+    def close(self) -> None:
+        if self._proc.returncode is None:  # result() not asked for: a refused conversion
+            self._proc.kill()
+            self._proc.communicate()
+
+
+# resolved path -> (the child hashing it, the file's identity when it started; None: no
+# cache), for the SourceHashes of the conversion that :func:`hashing_ahead` runs before
+_AHEAD: dict[str, tuple[_ChildHashes, str | None]] = {}
+
+
+@contextlib.contextmanager
+def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
+    """Start hashing ``paths`` now, in a child process, while the checkpoint is still being
+    read; a :class:`SourceHashes` created inside the block takes over what it needs. Paths
+    that are cached, too large for :func:`child_hash_room`, or not among the conversion's
+    sources after all cost nothing but (for the last) their hashing; the child is stopped at
+    the end of the block."""
+    use_cache = os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1"
+    todo: dict[Path, str | None] = {}
+    with _lock:
+        cache = _load_cache() if use_cache else {}
+    for p in dict.fromkeys(map(Path, paths)):
+        try:
+            identity = _identity(p) if use_cache else None
+            size = p.stat().st_size
+        except OSError:
+            continue  # the reader will say what is wrong with it
+        entry = cache.get(str(p.resolve()))
+        if not (entry and identity is not None and entry.get("id") == identity) and size:
+            todo[p] = identity
+    child = None
+    if todo and sum(p.stat().st_size for p in todo) <= child_hash_room():
+        with contextlib.suppress(OSError):
+            child = _ChildHashes(list(todo))
+    keys = [os.path.realpath(p) for p in todo] if child is not None else []
+    with _lock:
+        for key, identity in zip(keys, todo.values()):
+            _AHEAD[key] = (child, identity)
+    try:
+        yield
+    finally:
+        with _lock:
+            for key in keys:
+                if _AHEAD.get(key, (None,))[0] is child:
+                    del _AHEAD[key]
+        if child is not None:
+            child.close()
+
+
+class SourceHashes:
+    """sha256 of a conversion's sources, hashed beside the conversion.
+
+    Used as a context manager around the preparation and the writing, :meth:`result` after
+    it. Cached files (see :func:`sha256_sources`) are not read at all. When the rest fits in
+    half the available memory (:func:`child_hash_room`) a child process hashes them on the
+    other core from the moment this object exists (a second read, from the page cache).
+    Larger sources get one pass for both: safetensors files a :class:`SourceTap`, fed by the
+    writers' reads; ``reads``, the tensor sources the conversion will read (default: all of
+    them), tells the taps which tensors to read themselves. Other files (configs, the
+    tokenizer, pickles) are then hashed in the background.
     """
 
     def __init__(self, paths: Sequence[Path], reads: Iterable[object] | None = None):
@@ -325,14 +442,31 @@ class SourceHashes:
         self._known: dict[str, str] = {}
         self._identities: dict[Path, str | None] = {}
         self._taps: dict[Path, SourceTap] = {}
+        self._adopted: dict[Path, tuple[_ChildHashes, Path]] = {}  # hashed by hashing_ahead
         background: list[Path] = []
         for p in map(Path, paths):
+            with _lock:
+                ahead = _AHEAD.get(os.path.realpath(p))
+            if ahead is not None:
+                child, self._identities[p] = ahead
+                self._adopted[p] = (child, next(c for c in child.paths
+                                                if os.path.realpath(c) == os.path.realpath(p)))
+                continue
             identity = _identity(p) if self._use_cache else None
             entry = cache.get(str(p.resolve()))
             if entry and identity is not None and entry.get("id") == identity:
                 self._known[str(p)] = entry["sha256"]
                 continue
             self._identities[p] = identity
+        self._child: _ChildHashes | None = None
+        todo = [p for p in self._identities if p not in self._adopted]
+        if todo and sum(p.stat().st_size for p in todo) <= child_hash_room():
+            try:
+                self._child = _ChildHashes(todo)
+                todo = []
+            except OSError:  # no interpreter to start (an embedded Python): hash here
+                pass
+        for p in todo:
             holes = _holes(p, None if planned is None
                            else planned.get(os.path.realpath(p), set()))
             if holes is None:
@@ -350,6 +484,10 @@ class SourceHashes:
                 hashes[str(p)] = tap.finish()
             if self._future is not None:
                 hashes.update(self._future.result())
+            if self._child is not None:
+                hashes.update(self._child.result())
+            for p, (child, as_named) in self._adopted.items():
+                hashes[str(p)] = child.result()[str(as_named)]
         finally:
             self.close()
         if self._use_cache and self._identities:
@@ -374,6 +512,8 @@ class SourceHashes:
             tap.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        if self._child is not None:
+            self._child.close()  # a refused conversion: stop hashing for it
 
     def __enter__(self) -> SourceHashes:
         return self

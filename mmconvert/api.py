@@ -127,6 +127,29 @@ def _read(ckpt: PathLike, options: ReadKwargs) -> tuple[CanonicalModel, list[Inp
     return model, named_inputs(Path(ckpt), opts.base, opts.projector, opts.projector_config)
 
 
+@contextmanager
+def _hashing_ahead(ckpt: PathLike, enabled: bool = True):
+    """Sources hashed from the start, beside the reading of the checkpoint (the manifest's
+    sha256): its weight files, config and tokenizer, as the reader will find them; the export
+    inside the block takes the digests over (:func:`mmconvert.formats.hashing.hashing_ahead`)."""
+    if not enabled:
+        yield
+        return
+    from mmconvert.convert.readers.common import find_weight_files
+    from mmconvert.errors import CheckpointError
+    from mmconvert.formats.hashing import hashing_ahead
+
+    folder = Path(ckpt)
+    try:
+        files = find_weight_files(folder) if folder.is_dir() else []
+    except (CheckpointError, OSError):
+        files = []  # the reader reports it
+    files += [folder / n for n in ("config.json", "tokenizer.json", "generation_config.json")
+              if (folder / n).is_file()]
+    with hashing_ahead(files):
+        yield
+
+
 def default_out(ckpt: PathLike, kind: str) -> Path:
     """``<ckpt>-<kind>`` beside the checkpoint (also when ``ckpt`` is spelt ``.``)."""
     source = Path(ckpt).resolve()
@@ -291,13 +314,15 @@ def to_gguf(ckpt: PathLike, out: PathLike | None = None, *,
         from mmconvert.formats.imatrix import read_imatrix
 
         options["imatrix"] = read_imatrix(imatrix)
-    model, inputs = _read(ckpt, read)
-    if dry_run:
-        return ExportResult(None, [], prepare_gguf(model, **options).describe())
-    out = default_out(ckpt, "gguf") if out is None else Path(out)
-    with _weights_policy(strict, warn):
-        files = export_gguf(model, out, force=force, checksums=checksums,
-                            log=_notes(log, warn), inputs=inputs, progress=progress, **options)
+    with _hashing_ahead(ckpt, checksums and not dry_run):
+        model, inputs = _read(ckpt, read)
+        if dry_run:
+            return ExportResult(None, [], prepare_gguf(model, **options).describe())
+        out = default_out(ckpt, "gguf") if out is None else Path(out)
+        with _weights_policy(strict, warn):
+            files = export_gguf(model, out, force=force, checksums=checksums,
+                                log=_notes(log, warn), inputs=inputs, progress=progress,
+                                **options)
     return ExportResult(out, files)
 
 
@@ -324,16 +349,17 @@ def to_hf(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = "auto",
     from mmconvert.convert.plan_hf import plan_hf
 
     shard_bytes = size_bytes(max_shard_size, "max_shard_size")
-    model, inputs = _read(ckpt, read)
-    for warning in model.warnings:
-        _warning(warn)(warning)
-    if dry_run:
-        lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
-        return ExportResult(None, [], f"{lm_plan.describe()}\n{projector_plan.describe()}")
-    out = default_out(ckpt, "hf") if out is None else Path(out)
-    with _weights_policy(strict, warn):
-        files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
-                          fold_linear=fold_linear, inputs=inputs, progress=progress)
+    with _hashing_ahead(ckpt, not dry_run):
+        model, inputs = _read(ckpt, read)
+        for warning in model.warnings:
+            _warning(warn)(warning)
+        if dry_run:
+            lm_plan, projector_plan = plan_hf(model, dtype, fold_linear)
+            return ExportResult(None, [], f"{lm_plan.describe()}\n{projector_plan.describe()}")
+        out = default_out(ckpt, "hf") if out is None else Path(out)
+        with _weights_policy(strict, warn):
+            files = export_hf(model, out, dtype=dtype, max_shard_bytes=shard_bytes, force=force,
+                              fold_linear=fold_linear, inputs=inputs, progress=progress)
     return ExportResult(out, files)
 
 
@@ -360,14 +386,15 @@ def to_safetensors(ckpt: PathLike, out: PathLike | None = None, *, dtype: str = 
     _choice(dtype, DTYPES, "dtype")
     _choice(naming, NAMINGS, "naming")
     shard_bytes = size_bytes(max_shard_size, "max_shard_size")
-    model, inputs = _read(ckpt, read)
-    if dry_run:
-        return ExportResult(None, [], plan_safetensors(model, naming, dtype).describe())
-    out = default_out(ckpt, "safetensors") if out is None else Path(out)
-    with _weights_policy(strict, warn):
-        files = export_safetensors(model, out, naming=naming, dtype=dtype,
-                                   max_shard_bytes=shard_bytes, force=force, inputs=inputs,
-                                   progress=progress)
+    with _hashing_ahead(ckpt, not dry_run):
+        model, inputs = _read(ckpt, read)
+        if dry_run:
+            return ExportResult(None, [], plan_safetensors(model, naming, dtype).describe())
+        out = default_out(ckpt, "safetensors") if out is None else Path(out)
+        with _weights_policy(strict, warn):
+            files = export_safetensors(model, out, naming=naming, dtype=dtype,
+                                       max_shard_bytes=shard_bytes, force=force, inputs=inputs,
+                                       progress=progress)
     return ExportResult(out, files)
 
 

@@ -120,6 +120,40 @@ def cold_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MMCONVERT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(params=["child", "taps"])
+def hash_mode(request, monkeypatch):
+    """``child``: sources that fit in memory are hashed by a child process (the default for
+    them); ``taps``: as sources too large for that are, from the conversion's own reads."""
+    if request.param == "taps":
+        monkeypatch.setattr(hashing, "child_hash_room", lambda: 0)
+    return request.param
+
+
+class ChildLog:
+    """Every hashing child started, and the order of child starts and checkpoint reads."""
+
+    def __init__(self, monkeypatch):
+        import mmconvert.convert.readers as readers
+
+        self.children: list = []
+        self.events: list[str] = []
+        log = self
+        real_read = readers.read_checkpoint
+
+        class Logged(hashing._ChildHashes):
+            def __init__(self, paths):
+                super().__init__(paths)
+                log.children.append(self)
+                log.events.append("child")
+
+        def read_checkpoint(*args, **kwargs):
+            log.events.append("read")
+            return real_read(*args, **kwargs)
+
+        monkeypatch.setattr(hashing, "_ChildHashes", Logged)
+        monkeypatch.setattr(readers, "read_checkpoint", read_checkpoint)
+
+
 def _data_size(path: Path) -> int:
     entries, _ = read_safetensors_header(path)
     return path.stat().st_size - min(e.offset for e in entries.values())
@@ -127,7 +161,9 @@ def _data_size(path: Path) -> int:
 
 @pytest.mark.parametrize("command", ["to_gguf", "to_safetensors"])
 def test_sharded_sources_are_read_once_and_hashed_right(tmp_path, cold_cache, monkeypatch,
-                                                        command):
+                                                        command, hash_mode):
+    """The conversion reads each shard's data once, whoever hashes it (a child reads it
+    again, from the page cache, in a process of its own)."""
     from mmconvert import api
 
     ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(shards=3))
@@ -149,7 +185,7 @@ def test_sharded_sources_are_read_once_and_hashed_right(tmp_path, cold_cache, mo
         assert read[shard] == _data_size(shard), shard.name
 
 
-def test_a_tensor_read_twice_is_hashed_once(tmp_path, cold_cache, monkeypatch):
+def test_a_tensor_read_twice_is_hashed_once(tmp_path, cold_cache, monkeypatch, hash_mode):
     """transformers-5 fused experts: gate and up each read the whole gate_up_proj."""
     from mmconvert import api
 
@@ -171,6 +207,77 @@ def test_a_tensor_read_twice_is_hashed_once(tmp_path, cold_cache, monkeypatch):
     assert data <= total <= data + fused
 
 
+@pytest.mark.parametrize("command", ["to_gguf", "to_hf", "to_safetensors"])
+def test_one_child_hashes_the_sources_from_before_the_read(tmp_path, cold_cache, monkeypatch,
+                                                           command):
+    """Sources that fit in memory are hashed by one child process started before the
+    checkpoint is read (so it runs while the tokenizer is parsed and the layout built); the
+    export takes its digests over: no tap, no second child."""
+    from mmconvert import api
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(shards=2))
+    log = ChildLog(monkeypatch)
+    taps: list = []
+    real_tap = hashing.SourceTap.__init__
+
+    def counted_tap(self, *args, **kwargs):
+        taps.append(args[0])
+        real_tap(self, *args, **kwargs)
+
+    monkeypatch.setattr(hashing.SourceTap, "__init__", counted_tap)
+    getattr(api, command)(ckpt, tmp_path / "out")
+    assert log.events[:2] == ["child", "read"], log.events
+    assert log.events.count("child") == 1, [c.paths for c in log.children]
+    (child,) = log.children
+    assert {p.name for p in child.paths} >= {s.name for s in ckpt.glob("*.safetensors")}
+    assert child._proc.returncode == 0 and not taps and not hashing._AHEAD
+    manifest = json.loads((tmp_path / "out" / "mmconvert.json").read_text())
+    for source in manifest["sources"]:
+        assert source["sha256"] == _sha(ckpt / Path(source["path"]).name), source["path"]
+
+
+def test_a_child_that_fails_is_replaced_by_hashing_here(tmp_path, cold_cache, monkeypatch):
+    """A child that cannot hash (here it exits at once) costs time, never a wrong digest."""
+    from mmconvert import api
+
+    monkeypatch.setattr(hashing, "_CHILD_SCRIPT", "import sys; sys.exit(3)")
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions())
+    api.to_gguf(ckpt, tmp_path / "out", outtypes=["f16"])
+    manifest = json.loads((tmp_path / "out" / "mmconvert.json").read_text())
+    assert manifest["sources"]
+    for source in manifest["sources"]:
+        assert source["sha256"] == _sha(ckpt / Path(source["path"]).name), source["path"]
+
+
+def test_a_source_rewritten_during_the_conversion_is_refused(tmp_path, monkeypatch):
+    """The child hashes a file at another moment than the conversion reads it: a rewrite in
+    between (here in place, mtime put back; ctime still moves) fails the export instead of
+    recording a sha256 of other bytes than those converted, and nothing is cached."""
+    from mmconvert.errors import CheckpointError
+
+    monkeypatch.setenv("MMCONVERT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MMCONVERT_NO_HASH_CACHE", raising=False)
+    path = tmp_path / "a.safetensors"
+    refs = _write_file(path, {"w": np.arange(4096, dtype=np.float32).reshape(64, 64)})
+    old = os.stat(path).st_mtime - 60
+    os.utime(path, (old, old))
+    with hashing.hashing_ahead([path]):
+        child, _ = hashing._AHEAD[os.path.realpath(path)]
+        child.result()  # the child has read this version
+        with open(path, "r+b") as f:
+            f.seek(-4, os.SEEK_END)
+            f.write(b"\x01\x02\x03\x04")
+        os.utime(path, (old, old))
+        sources = hashing.SourceHashes([path], refs)
+        refs[0].read()
+        with pytest.raises(CheckpointError, match="changed while it was being converted"):
+            sources.result()
+    assert str(path.resolve()) not in hashing._load_cache()
+    with hashing.hashing_ahead([path]):  # unchanged since: hashed and remembered
+        assert hashing.SourceHashes([path], refs).result() == {str(path): _sha(path)}
+    assert str(path.resolve()) in hashing._load_cache()
+
+
 def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> list:
     save_file(tensors, str(path))
     entries, _ = read_safetensors_header(path)
@@ -182,6 +289,7 @@ def test_taps_hash_gaps_unused_tensors_and_repeats(tmp_path, cold_cache, monkeyp
     """A file of which some tensors are never read, one is read twice and the rest out of
     order, and a second file read backwards: both digests are the files'; the taps read by
     themselves only what the conversion does not (when told what it reads)."""
+    monkeypatch.setattr(hashing, "child_hash_room", lambda: 0)  # taps, not a child
     rng = np.random.default_rng(0)
     a = _write_file(tmp_path / "a.safetensors",
                     {f"t{i}": rng.standard_normal((64, 48)).astype(np.float32) for i in range(6)})
@@ -230,15 +338,16 @@ def test_cached_sources_are_not_read(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["to-gguf", "to-hf", "to-safetensors"])
-def test_a_refused_conversion_leaves_no_tap_behind(tmp_path, monkeypatch, command):
-    """A conversion that fails mid-write (here --strict on a NaN) closes its taps on the way
-    out, not whenever the garbage collector gets to it: a tap left registered keeps its file
-    open and observes the next conversion's reads."""
+def test_a_refused_conversion_leaves_no_tap_behind(tmp_path, monkeypatch, command, hash_mode):
+    """A conversion that fails mid-write (here --strict on a NaN) closes its taps and stops
+    its hashing child on the way out, not whenever the garbage collector gets to it: a tap
+    left registered keeps its file open and observes the next conversion's reads."""
     from click.testing import CliRunner
 
     from mmconvert.cli import main
 
     monkeypatch.setenv("MMCONVERT_NO_HASH_CACHE", "1")
+    log = ChildLog(monkeypatch)
     ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions(base_dir=tmp_path / "base"))
     weights = ckpt / "model.safetensors"
     entries, _ = read_safetensors_header(weights)
@@ -252,18 +361,21 @@ def test_a_refused_conversion_leaves_no_tap_behind(tmp_path, monkeypatch, comman
         result = CliRunner().invoke(main, [command, str(ckpt), "-o", str(tmp_path / "out"),
                                            "--strict"])
         assert result.exit_code == 2, result.output
-        assert not hashing._TAPS
+        assert not hashing._TAPS and not hashing._AHEAD
+        assert all(child._proc.returncode is not None for child in log.children)
+        assert len(log.children) == (hash_mode == "child")
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
-def test_no_finalizer_takes_the_hash_lock(tmp_path):
+def test_no_finalizer_takes_the_hash_lock(tmp_path, monkeypatch):
     """The collector may free an unclosed SourceHashes inside ``with _lock`` (an allocation
     in sha256_sources): nothing it runs there may take that lock again. Checked on a thread
     so that a regression fails here instead of hanging the suite."""
     path = tmp_path / "a.safetensors"
     _write_file(path, {"w": np.ones((8, 8), np.float32)})
+    monkeypatch.setattr(hashing, "child_hash_room", lambda: 0)  # a tap: what registers
 
     def leak() -> None:
         sources = hashing.SourceHashes([path])
