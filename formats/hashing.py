@@ -13,6 +13,13 @@
   faked or frozen (root changing the clock, a filesystem without ctime). Only files untouched
   for ``RACY_SECONDS`` are remembered, and only when their identity did not change while they
   were being hashed.
+- Who hashes a conversion's sources (:class:`SourceHashes`): when they fit in half the
+  available memory, a child process started before the checkpoint is read
+  (:func:`hashing_ahead`), on the core the conversion leaves idle while it parses the
+  tokenizer and lays out the files (a thread would wait for the GIL then); the child's read
+  is a second one, from the page cache, so a source rewritten between the two fails the
+  export. Larger sources are hashed from the conversion's own reads (:class:`SourceTap`):
+  one pass over each file for both.
 - Output files: hashed while they are written. Writers submit tensor jobs in file order and
   :func:`sha256_following` reads each region back (from the page cache) as soon as the job that
   fills it is done, so hashing overlaps the conversion instead of re-reading everything at the end.
@@ -112,30 +119,24 @@ def sha256_files(paths: Iterable[Path]) -> dict[str, str]:
 
 def sha256_sources(paths: Iterable[Path]) -> dict[str, str]:
     """sha256 of each path (str(path) -> hex), from the cache when the file is unchanged."""
-    paths = [Path(p) for p in paths]
     use_cache = os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1"
-    with _lock:
-        cache = _load_cache() if use_cache else {}
-    result: dict[str, str] = {}
-    todo: dict[Path, str | None] = {}  # path -> its identity before hashing (None: no cache)
-    for p in paths:
-        identity = _identity(p) if use_cache else None
-        entry = cache.get(str(p.resolve()))
-        if entry and identity is not None and entry.get("id") == identity:
-            result[str(p)] = entry["sha256"]
-        else:
-            todo[p] = identity
+    result, todo = _uncached(paths, use_cache)  # todo: path -> its identity before hashing
     if todo:
         result.update(sha256_files(todo))
         if use_cache:
-            with _lock:
-                cache = _load_cache()
-                for p, identity in todo.items():
-                    # a file that changed while it was read keeps no entry
-                    if _settled(p) and _identity(p) == identity:
-                        cache[str(p.resolve())] = {"id": identity, "sha256": result[str(p)]}
-                _save_cache(cache)
+            _remember(todo, result)
     return result
+
+
+def _remember(identities: dict[Path, str | None], hashes: dict[str, str]) -> None:
+    """Cache the digest of each path whose identity (taken before it was read) still holds:
+    a file that changed while it was read keeps no entry."""
+    with _lock:
+        cache = _load_cache()
+        for p, identity in identities.items():
+            if identity is not None and _settled(p) and _identity(p) == identity:
+                cache[str(p.resolve())] = {"id": identity, "sha256": hashes[str(p)]}
+        _save_cache(cache)
 
 
 def _planned_entries(reads: Iterable[object]) -> dict[str, set[str]]:
@@ -349,7 +350,7 @@ class _ChildHashes:
         self._stats = [_stat_key(p) for p in self.paths]  # the versions the child reads
         self._proc = subprocess.Popen(
             [sys.executable, "-I", "-c", _CHILD_SCRIPT, *map(str, self.paths)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             text=True)
 
     def result(self) -> dict[str, str]:
@@ -377,6 +378,34 @@ class _ChildHashes:
             self._proc.communicate()
 
 
+def _child_for(paths: Sequence[Path]) -> _ChildHashes | None:
+    """A child hashing ``paths``, or None when they do not fit :func:`child_hash_room` (or no
+    interpreter can be started, as in an embedded Python): the caller then hashes them."""
+    if not paths or sum(p.stat().st_size for p in paths) > child_hash_room():
+        return None
+    try:
+        return _ChildHashes(paths)
+    except OSError:
+        return None
+
+
+def _uncached(paths: Iterable[Path], use_cache: bool) -> tuple[dict[str, str],
+                                                                 dict[Path, str | None]]:
+    """(str(path) -> sha256 from the cache, path -> identity for the rest; None: no cache)."""
+    with _lock:
+        cache = _load_cache() if use_cache else {}
+    known: dict[str, str] = {}
+    todo: dict[Path, str | None] = {}
+    for p in map(Path, paths):
+        identity = _identity(p) if use_cache else None
+        entry = cache.get(str(p.resolve()))
+        if entry and identity is not None and entry.get("id") == identity:
+            known[str(p)] = entry["sha256"]
+        else:
+            todo[p] = identity
+    return known, todo
+
+
 # resolved path -> (the child hashing it, the file's identity when it started; None: no
 # cache), for the SourceHashes of the conversion that :func:`hashing_ahead` runs before
 _AHEAD: dict[str, tuple[_ChildHashes, str | None]] = {}
@@ -389,23 +418,12 @@ def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
     that are cached, too large for :func:`child_hash_room`, or not among the conversion's
     sources after all cost nothing but (for the last) their hashing; the child is stopped at
     the end of the block."""
-    use_cache = os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1"
-    todo: dict[Path, str | None] = {}
-    with _lock:
-        cache = _load_cache() if use_cache else {}
-    for p in dict.fromkeys(map(Path, paths)):
-        try:
-            identity = _identity(p) if use_cache else None
-            size = p.stat().st_size
-        except OSError:
-            continue  # the reader will say what is wrong with it
-        entry = cache.get(str(p.resolve()))
-        if not (entry and identity is not None and entry.get("id") == identity) and size:
-            todo[p] = identity
-    child = None
-    if todo and sum(p.stat().st_size for p in todo) <= child_hash_room():
-        with contextlib.suppress(OSError):
-            child = _ChildHashes(list(todo))
+    try:
+        _, todo = _uncached(dict.fromkeys(map(Path, paths)),
+                            os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1")
+        child = _child_for(list(todo))
+    except OSError:  # a file that cannot be read: the reader will say so
+        todo, child = {}, None
     keys = [os.path.realpath(p) for p in todo] if child is not None else []
     with _lock:
         for key, identity in zip(keys, todo.values()):
@@ -436,37 +454,25 @@ class SourceHashes:
 
     def __init__(self, paths: Sequence[Path], reads: Iterable[object] | None = None):
         self._use_cache = os.environ.get("MMCONVERT_NO_HASH_CACHE") != "1"
-        with _lock:
-            cache = _load_cache() if self._use_cache else {}
         planned = _planned_entries(reads) if reads is not None else None
-        self._known: dict[str, str] = {}
-        self._identities: dict[Path, str | None] = {}
         self._taps: dict[Path, SourceTap] = {}
         self._adopted: dict[Path, tuple[_ChildHashes, Path]] = {}  # hashed by hashing_ahead
-        background: list[Path] = []
+        self._identities: dict[Path, str | None] = {}
+        rest = []
         for p in map(Path, paths):
             with _lock:
                 ahead = _AHEAD.get(os.path.realpath(p))
-            if ahead is not None:
-                child, self._identities[p] = ahead
-                self._adopted[p] = (child, next(c for c in child.paths
-                                                if os.path.realpath(c) == os.path.realpath(p)))
+            if ahead is None:
+                rest.append(p)
                 continue
-            identity = _identity(p) if self._use_cache else None
-            entry = cache.get(str(p.resolve()))
-            if entry and identity is not None and entry.get("id") == identity:
-                self._known[str(p)] = entry["sha256"]
-                continue
-            self._identities[p] = identity
-        self._child: _ChildHashes | None = None
-        todo = [p for p in self._identities if p not in self._adopted]
-        if todo and sum(p.stat().st_size for p in todo) <= child_hash_room():
-            try:
-                self._child = _ChildHashes(todo)
-                todo = []
-            except OSError:  # no interpreter to start (an embedded Python): hash here
-                pass
-        for p in todo:
+            child, self._identities[p] = ahead  # the identity when the child started
+            self._adopted[p] = (child, next(c for c in child.paths
+                                            if os.path.realpath(c) == os.path.realpath(p)))
+        self._known, todo = _uncached(rest, self._use_cache)
+        self._identities.update(todo)
+        self._child = _child_for(list(todo))
+        background: list[Path] = []
+        for p in todo if self._child is None else ():
             holes = _holes(p, None if planned is None
                            else planned.get(os.path.realpath(p), set()))
             if holes is None:
@@ -491,13 +497,7 @@ class SourceHashes:
         finally:
             self.close()
         if self._use_cache and self._identities:
-            with _lock:
-                cache = _load_cache()
-                for p, identity in self._identities.items():
-                    # a file that changed while it was read keeps no entry
-                    if _settled(p) and _identity(p) == identity:
-                        cache[str(p.resolve())] = {"id": identity, "sha256": hashes[str(p)]}
-                _save_cache(cache)
+            _remember(self._identities, hashes)
         return hashes
 
     def close(self) -> None:
