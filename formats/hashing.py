@@ -304,6 +304,12 @@ def observe_read(fd: int, offset: int, data: bytes | bytearray | memoryview) -> 
         tap.observe(offset, memoryview(data))
 
 
+def observing_reads() -> bool:
+    """True while some :class:`SourceTap` hashes a source from the conversion's reads: the
+    writers then read each source in file order (one pass for both)."""
+    return bool(_TAPS)
+
+
 def _register(tap: SourceTap, add: bool) -> None:
     with _lock:
         taps = [t for t in _TAPS.get(tap.key, ()) if t is not tap] + ([tap] if add else [])

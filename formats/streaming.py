@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mmconvert.formats import heap
-from mmconvert.formats.hashing import sha256_following
+from mmconvert.formats.hashing import observing_reads, sha256_following
 from mmconvert.formats.nonfinite import SCAN
 from mmconvert.formats.tensor_source import TensorSource
 
@@ -206,9 +206,13 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
                   hash_files: Sequence[tuple[int, int]] = ()) -> list[str]:
     """Run every job (the files' headers must already be in place); return sha256 digests.
 
-    Jobs run in the order their sources lie in the source files (a slice of rows at a time,
-    :class:`_Slice`), so each source is read in one sequential pass that also feeds its hash
-    (:class:`~mmconvert.formats.hashing.SourceTap`). For each ``(fd, size)`` in ``hash_files``
+    Jobs run a slice of rows at a time (:class:`_Slice`). While a source is hashed from the
+    conversion's reads (:class:`~mmconvert.formats.hashing.SourceTap`), they run in the order
+    their sources lie in the source files, so each source is read in one sequential pass that
+    also feeds its hash. Otherwise (sources hashed by a child, cached, or not hashed) they run
+    in the order given, the output files' own: each output then fills from its start and its
+    hash never waits. (safetensors stores layer 10 before layer 2, and the output hash waited
+    ~1 s of 2.5 on a 0.6B model in source order.) For each ``(fd, size)`` in ``hash_files``
     the calling thread hashes the output region by region as the slices filling it finish
     (:func:`~mmconvert.formats.hashing.sha256_following`), overlapping the conversion; the
     digests come back in ``hash_files`` order.
@@ -221,7 +225,8 @@ def write_tensors(jobs: Sequence[TensorWrite], *, progress: Progress | None = No
     heap.use(heap.STREAMING)  # slice buffers reused from the heap, whatever ran before
     workers = workers or max(1, os.cpu_count() or 1)
     digests = []
-    pieces = [p for job in _source_order(jobs) for p in _slices(job, chunk_bytes)]
+    ordered = _source_order(jobs) if observing_reads() else jobs
+    pieces = [p for job in ordered for p in _slices(job, chunk_bytes)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_write_slice, piece, progress) for piece in pieces]
         try:

@@ -395,3 +395,39 @@ def test_no_finalizer_takes_the_hash_lock(tmp_path, monkeypatch):
         for tap in taps:
             hashing._register(tap, False)
             tap.close()
+
+
+@pytest.mark.parametrize("taps", [False, True], ids=["child-or-none", "taps"])
+def test_slices_follow_the_sources_only_while_a_tap_reads_along(tmp_path, monkeypatch, taps):
+    """safetensors keeps ``layers.10`` before ``layers.2``; GGUF keeps them in layer order.
+    While a tap hashes a source from the conversion's reads, the writers read each source in
+    file order; otherwise they fill each output from its start, so its hash never waits."""
+    from mmconvert.formats import streaming
+
+    refs = _write_file(tmp_path / "a.safetensors",
+                       {f"t{i}": np.full((4, 8), i, np.float32) for i in range(5)})
+    entries, _ = read_safetensors_header(tmp_path / "a.safetensors")
+    in_file = sorted(refs, key=lambda r: entries[r.source_name].offset)
+    wanted = in_file[::-1]  # the output's order: the reverse of the file's
+    done: list[str] = []
+    real = streaming._write_slice
+    monkeypatch.setattr(streaming, "_write_slice",
+                        lambda piece, progress: (done.append(piece.job.source.name),
+                                                 real(piece, progress)))
+    if taps:
+        monkeypatch.setattr(hashing, "child_hash_room", lambda: 0)
+    sources = hashing.SourceHashes([tmp_path / "a.safetensors"], refs)
+    out = tmp_path / "out.bin"
+    fd = create_file(out, sum(r.nbytes for r in wanted), b"")
+    try:
+        jobs, offset = [], 0
+        for ref in wanted:
+            jobs.append(TensorWrite(ref, (Target(fd, offset, ref.nbytes, lambda x: x,
+                                                 ref.name),)))
+            offset += ref.nbytes
+        (digest,) = write_tensors(jobs, workers=1, hash_files=[(fd, offset)])
+    finally:
+        os.close(fd)
+    assert sources.result() == {str(tmp_path / "a.safetensors"): _sha(tmp_path / "a.safetensors")}
+    assert digest == _sha(out)
+    assert done == [r.name for r in (in_file if taps else wanted)]
