@@ -204,44 +204,41 @@ def export_gguf(model: CanonicalModel, out: Path, *, outtypes: Sequence[str] = (
     ``progress``: called once with the bytes the run writes (every outtype's file together);
     the callback it returns gets each written slice's byte count, from the writer's threads.
     """
+    job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype, name=name,
+                       split_max_bytes=split_max_bytes, pre_tokenizer=pre_tokenizer,
+                       fold_linear=fold_linear, overrides=overrides, has_imatrix=has_imatrix,
+                       imatrix=imatrix)
+    missing = missing_kernels(job.plans)
+    if missing:  # before OUT is touched: a refusal writes nothing
+        raise UnsupportedError(f"--outtype {', '.join(job_outtypes(job, missing))} needs the "
+                               f"{', '.join(missing)} kernel(s), which this mmconvert lacks")
     digests: dict[str, str] | None = {} if checksums else None
-    # sources are hashed from here on, beside the preparation (formats/hashing): a refusal
-    # below stops it
     with (SourceHashes(manifest_sources(model), model.tensors.refs()) if checksums
-          else contextlib.nullcontext()) as sources:
-        job = prepare_gguf(model, outtypes=outtypes, projector_outtype=projector_outtype,
-                           name=name, split_max_bytes=split_max_bytes,
-                           pre_tokenizer=pre_tokenizer, fold_linear=fold_linear,
-                           overrides=overrides, has_imatrix=has_imatrix, imatrix=imatrix)
-        missing = missing_kernels(job.plans)
-        if missing:  # before OUT is touched: a refusal writes nothing
-            raise UnsupportedError(f"--outtype {', '.join(job_outtypes(job, missing))} needs "
-                                   f"the {', '.join(missing)} kernel(s), which this mmconvert "
-                                   "lacks")
-        with BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
-            for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
-                if log is not None:
-                    log(note)
-            report = progress(sum(f.data_bytes for f in job.files)) if progress else None
-            names = write_gguf(tmp, job.files, progress=report, digests=digests)
-            transforms: list[str] = []
-            for plan in job.plans:
-                transforms += [s for s in plan.transforms_applied() if s not in transforms]
-            write_manifest(
-                tmp, kind="gguf", model=model,
-                options={"outtypes": list(outtypes), "projector_outtype": projector_outtype,
-                         "name": job.name, "split_max_bytes": split_max_bytes,
-                         "pre_tokenizer": pre_tokenizer, "checksums": checksums,
-                         "fold_linear": fold_linear,
-                         **({"quantize_overrides": overrides.to_json()} if overrides else {}),
-                         **({"imatrix": imatrix.path} if imatrix is not None else {})},
-                transforms=transforms, checksums=checksums,
-                source_hashes=sources.result() if sources else None, output_hashes=digests,
-                extra={"name": job.name, "size_label": job.size_label, "files": job.outputs,
-                       "pre_tokenizer": job.pre_tokenizer,
-                       "modalities": [{"name": m, "input_dim": p.input_dim,
-                                       "output_dim": p.output_dim}
-                                      for m, p in model.projectors.items()],
-                       "tensors": {t.name: t.source.name for p in job.plans for t in p.tensors}})
-            names.append(write_bundle_card(tmp, Path(out).name))
+          else contextlib.nullcontext()) as sources, \
+            BundleDir(out, force, [*inputs, *model_inputs(model)], log) as tmp:
+        for note in job.notes:  # once OUT is accepted: a refusal is the first line printed
+            if log is not None:
+                log(note)
+        report = progress(sum(f.data_bytes for f in job.files)) if progress else None
+        names = write_gguf(tmp, job.files, progress=report, digests=digests)
+        transforms: list[str] = []
+        for plan in job.plans:
+            transforms += [s for s in plan.transforms_applied() if s not in transforms]
+        write_manifest(
+            tmp, kind="gguf", model=model,
+            options={"outtypes": list(outtypes), "projector_outtype": projector_outtype,
+                     "name": job.name, "split_max_bytes": split_max_bytes,
+                     "pre_tokenizer": pre_tokenizer, "checksums": checksums,
+                     "fold_linear": fold_linear,
+                     **({"quantize_overrides": overrides.to_json()} if overrides else {}),
+                     **({"imatrix": imatrix.path} if imatrix is not None else {})},
+            transforms=transforms, checksums=checksums,
+            source_hashes=sources.result() if sources else None, output_hashes=digests,
+            extra={"name": job.name, "size_label": job.size_label, "files": job.outputs,
+                   "pre_tokenizer": job.pre_tokenizer,
+                   "modalities": [{"name": m, "input_dim": p.input_dim,
+                                   "output_dim": p.output_dim}
+                                  for m, p in model.projectors.items()],
+                   "tensors": {t.name: t.source.name for p in job.plans for t in p.tensors}})
+        names.append(write_bundle_card(tmp, Path(out).name))
     return names + ["mmconvert.json"]

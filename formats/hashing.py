@@ -412,9 +412,10 @@ def _uncached(paths: Iterable[Path], use_cache: bool) -> tuple[dict[str, str],
     return known, todo
 
 
-# resolved path -> (the child hashing it, the file's identity when it started; None: no
-# cache), for the SourceHashes of the conversion that :func:`hashing_ahead` runs before
-_AHEAD: dict[str, tuple[_ChildHashes, str | None]] = {}
+# resolved path -> (the child hashing it, the path as the child was given it, the file's
+# identity when it started; None: no cache), for the SourceHashes of the conversion that
+# :func:`hashing_ahead` runs before
+_AHEAD: dict[str, tuple[_ChildHashes, Path, str | None]] = {}
 
 
 @contextlib.contextmanager
@@ -432,8 +433,8 @@ def hashing_ahead(paths: Iterable[Path]) -> Iterator[None]:
         todo, child = {}, None
     keys = [os.path.realpath(p) for p in todo] if child is not None else []
     with _lock:
-        for key, identity in zip(keys, todo.values()):
-            _AHEAD[key] = (child, identity)
+        for key, (path, identity) in zip(keys, todo.items()):
+            _AHEAD[key] = (child, path, identity)
     try:
         yield
     finally:
@@ -471,9 +472,8 @@ class SourceHashes:
             if ahead is None:
                 rest.append(p)
                 continue
-            child, self._identities[p] = ahead  # the identity when the child started
-            self._adopted[p] = (child, next(c for c in child.paths
-                                            if os.path.realpath(c) == os.path.realpath(p)))
+            child, as_named, self._identities[p] = ahead  # identity when the child started
+            self._adopted[p] = (child, as_named)
         self._known, todo = _uncached(rest, self._use_cache)
         self._identities.update(todo)
         self._child = _child_for(list(todo))

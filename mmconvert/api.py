@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +128,7 @@ def _read(ckpt: PathLike, options: ReadKwargs) -> tuple[CanonicalModel, list[Inp
 
 
 @contextmanager
-def _hashing_ahead(ckpt: PathLike, enabled: bool = True):
+def _hashing_ahead(ckpt: PathLike, enabled: bool = True) -> Iterator[None]:
     """Sources hashed from the start, beside the reading of the checkpoint (the manifest's
     sha256): its weight files, config and tokenizer, as the reader will find them; the export
     inside the block takes the digests over (:func:`mmconvert.formats.hashing.hashing_ahead`)."""

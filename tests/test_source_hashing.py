@@ -262,7 +262,7 @@ def test_a_source_rewritten_during_the_conversion_is_refused(tmp_path, monkeypat
     old = os.stat(path).st_mtime - 60
     os.utime(path, (old, old))
     with hashing.hashing_ahead([path]):
-        child, _ = hashing._AHEAD[os.path.realpath(path)]
+        child = hashing._AHEAD[os.path.realpath(path)][0]
         child.result()  # the child has read this version
         with open(path, "r+b") as f:
             f.seek(-4, os.SEEK_END)
@@ -276,6 +276,22 @@ def test_a_source_rewritten_during_the_conversion_is_refused(tmp_path, monkeypat
     with hashing.hashing_ahead([path]):  # unchanged since: hashed and remembered
         assert hashing.SourceHashes([path], refs).result() == {str(path): _sha(path)}
     assert str(path.resolve()) in hashing._load_cache()
+
+
+def _copy_into(out: Path, refs: list, **write_options) -> str:
+    """Write ``refs``' bytes back to back into ``out`` with write_tensors; its sha256 as
+    write_tensors hashed it."""
+    fd = create_file(out, sum(r.nbytes for r in refs), b"")
+    try:
+        jobs, offset = [], 0
+        for ref in refs:
+            jobs.append(TensorWrite(ref, (Target(fd, offset, ref.nbytes, lambda x: x,
+                                                 ref.name),)))
+            offset += ref.nbytes
+        (digest,) = write_tensors(jobs, hash_files=[(fd, offset)], **write_options)
+    finally:
+        os.close(fd)
+    return digest
 
 
 def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> list:
@@ -300,17 +316,7 @@ def test_taps_hash_gaps_unused_tensors_and_repeats(tmp_path, cold_cache, monkeyp
     counter = ReadCounter(files, monkeypatch)
     sources = hashing.SourceHashes(files, used if told else None)
     out = tmp_path / "out.bin"
-    size = sum(r.nbytes for r in used)
-    fd = create_file(out, size, b"")
-    try:
-        jobs, offset = [], 0
-        for ref in used:
-            jobs.append(TensorWrite(ref, (Target(fd, offset, ref.nbytes, lambda x: x,
-                                                 ref.name),)))
-            offset += ref.nbytes
-        (digest,) = write_tensors(jobs, workers=3, chunk_bytes=1000, hash_files=[(fd, size)])
-    finally:
-        os.close(fd)
+    digest = _copy_into(out, used, workers=3, chunk_bytes=1000)
     hashes = sources.result()
     read = [counter.data_bytes_read(f) for f in files]
     assert hashes == {str(f): _sha(f) for f in files}
@@ -418,16 +424,7 @@ def test_slices_follow_the_sources_only_while_a_tap_reads_along(tmp_path, monkey
         monkeypatch.setattr(hashing, "child_hash_room", lambda: 0)
     sources = hashing.SourceHashes([tmp_path / "a.safetensors"], refs)
     out = tmp_path / "out.bin"
-    fd = create_file(out, sum(r.nbytes for r in wanted), b"")
-    try:
-        jobs, offset = [], 0
-        for ref in wanted:
-            jobs.append(TensorWrite(ref, (Target(fd, offset, ref.nbytes, lambda x: x,
-                                                 ref.name),)))
-            offset += ref.nbytes
-        (digest,) = write_tensors(jobs, workers=1, hash_files=[(fd, offset)])
-    finally:
-        os.close(fd)
+    digest = _copy_into(out, wanted, workers=1)
     assert sources.result() == {str(tmp_path / "a.safetensors"): _sha(tmp_path / "a.safetensors")}
     assert digest == _sha(out)
     assert done == [r.name for r in (in_file if taps else wanted)]
