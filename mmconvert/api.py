@@ -138,14 +138,16 @@ def _hashing_ahead(ckpt: PathLike, enabled: bool = True) -> Iterator[None]:
     from mmconvert.convert.readers.common import find_weight_files
     from mmconvert.errors import CheckpointError
     from mmconvert.formats.hashing import hashing_ahead
+    from mmconvert.formats.safe_paths import resolve_inside
 
     folder = Path(ckpt)
-    try:
+    try:  # the paths the reader will accept (symlinks leading out of the folder refused)
         files = find_weight_files(folder) if folder.is_dir() else []
-    except (CheckpointError, OSError):
+        files += [resolve_inside(folder, n) for n in
+                  ("config.json", "tokenizer.json", "generation_config.json")
+                  if (folder / n).is_file()]
+    except (CheckpointError, OSError):  # UnsafePathError is a CheckpointError
         files = []  # the reader reports it
-    files += [folder / n for n in ("config.json", "tokenizer.json", "generation_config.json")
-              if (folder / n).is_file()]
     with hashing_ahead(files):
         yield
 

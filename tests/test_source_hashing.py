@@ -236,6 +236,24 @@ def test_one_child_hashes_the_sources_from_before_the_read(tmp_path, cold_cache,
         assert source["sha256"] == _sha(ckpt / Path(source["path"]).name), source["path"]
 
 
+def test_nothing_outside_the_checkpoint_is_hashed_ahead(tmp_path, cold_cache, monkeypatch):
+    """Hashing starts before the reader has checked the folder: a tokenizer.json that is a
+    symlink out of it is not handed to the child (the reader then refuses the checkpoint)."""
+    from mmconvert import api
+    from mmconvert.errors import CheckpointError
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", ExampleOptions())
+    outside = tmp_path / "elsewhere.json"
+    (ckpt / "tokenizer.json").rename(outside)
+    (ckpt / "tokenizer.json").symlink_to(outside)
+    log = ChildLog(monkeypatch)
+    with pytest.raises(CheckpointError):
+        api.to_gguf(ckpt, tmp_path / "out", outtypes=["f16"])
+    hashed = {os.path.realpath(p) for child in log.children for p in child.paths}
+    assert os.path.realpath(outside) not in hashed
+    assert all(c._proc.returncode is not None for c in log.children)
+
+
 def test_a_child_that_fails_is_replaced_by_hashing_here(tmp_path, cold_cache, monkeypatch):
     """A child that cannot hash (here it exits at once) costs time, never a wrong digest."""
     from mmconvert import api
