@@ -3,8 +3,9 @@ wheel built from the sdist, as build does), each installs into a fresh venv, and
 package runs ``example``, ``inspect``, ``to-gguf`` and ``to-hf`` from there, not from this
 source tree (templates included: ``to-hf`` copies ``modeling_mmqwen3.py`` out of the package).
 
-The venvs see the global site-packages for the dependencies (numpy, gguf, ... are not
-downloaded again) but get mmconvert only from the built file (``--no-deps``). The editable
+The venvs see the site-packages of the environment running the tests for the dependencies
+(numpy, gguf, ... are not downloaded again) but get mmconvert only from the built file
+(``--no-deps``). The editable
 install of this checkout would still answer imports through its finder, so each venv's
 ``sitecustomize`` removes that finder and every module of mmconvert is checked to load from
 the venv.
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.slow
 NO_EDITABLE = '''
 import sys
 
-# this checkout's editable install (a .pth in the global site-packages) adds a finder that maps
-# mmconvert to the source tree; a venv testing a built package must not see it
+# this checkout's editable install (a .pth in the running environment's site-packages) adds a
+# finder that maps mmconvert to the source tree; a venv testing a built package must not see it
 sys.meta_path[:] = [f for f in sys.meta_path
                     if "__editable__" not in getattr(f, "__module__", "")
                     and "__editable__" not in getattr(type(f), "__module__", "")]
@@ -70,22 +71,32 @@ def dist(tmp_path_factory) -> Path:
     return out
 
 
+def _outer_site_packages() -> list[str]:
+    """The site-packages folders of the environment running the tests: a venv's own when the
+    suite runs in one (``--system-site-packages`` would give the base interpreter's instead,
+    which need not hold the dependencies), else the global ones."""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+
+
 def _venv(root: Path) -> Path:
-    """A fresh venv over the global site-packages, without this checkout's editable finder."""
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root],
-         cwd=root.parent)
+    """A fresh venv that sees the running environment's packages through a ``.pth`` of plain
+    folder lines (the ``.pth`` files inside them, this checkout's editable finder among
+    them, are not run), with ``sitecustomize`` removing that finder in case it loads anyway."""
+    _run([sys.executable, "-m", "venv", "--without-pip", root], cwd=root.parent)
     python = root / "bin" / "python"
-    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                cwd=root.parent).stdout.strip()
-    (Path(site) / "sitecustomize.py").write_text(NO_EDITABLE, encoding="utf-8")
+    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                     cwd=root.parent).stdout.strip())
+    (site / "outer-environment.pth").write_text("\n".join(_outer_site_packages()) + "\n",
+                                                encoding="utf-8")
+    (site / "sitecustomize.py").write_text(NO_EDITABLE, encoding="utf-8")
     return python
 
 
 def _install_and_use(package: Path, work: Path) -> None:
     python = _venv(work / "venv")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    # pip of the global env, installing into the venv's interpreter; no build isolation for
-    # the sdist (setuptools comes from the global env), nothing downloaded
+    # pip of the running env, installing into the venv's interpreter; no build isolation for
+    # the sdist (setuptools comes from the running env), nothing downloaded
     _run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
           "--no-index", package], cwd=work, env=env, timeout=600)
     count = _run([python, "-c", ALL_FROM_VENV], cwd=work, env=env).stdout
