@@ -321,13 +321,22 @@ def _register(tap: SourceTap, add: bool) -> None:
 
 # The hashing child: one sha256 per line for the paths in argv, read 8 MiB at a time; it
 # imports nothing but hashlib, os and sys (Python starts in ~20 ms).
+# The child hashes through 16 MiB mapped windows, not read(): hashing the page cache in place
+# skips a copy of every byte (1.2 GB: 1.05 s instead of 1.35-1.5 s of CPU here, and the copy
+# competes with the conversion for memory bandwidth), while its RSS stays ~30 MB. A file cut
+# short meanwhile raises SIGBUS in the child, which then exits non-zero: the parent hashes
+# again itself (:meth:`_ChildHashes.result`), so a digest is never wrong.
 _CHILD_SCRIPT = """
-import hashlib, os, sys
+import hashlib, mmap, os, sys
+WINDOW = 16 << 20
 for path in sys.argv[1:]:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        while block := f.read(8 << 20):
-            h.update(block)
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, WINDOW):
+            with mmap.mmap(f.fileno(), min(WINDOW, size - start), access=mmap.ACCESS_READ,
+                           offset=start) as window:
+                h.update(window)
     print(h.hexdigest(), flush=True)
 """
 

@@ -267,6 +267,42 @@ def test_a_child_that_fails_is_replaced_by_hashing_here(tmp_path, cold_cache, mo
         assert source["sha256"] == _sha(ckpt / Path(source["path"]).name), source["path"]
 
 
+@pytest.mark.parametrize("size", [0, 1, (16 << 20) + 5])
+def test_the_child_hashes_files_of_any_size(tmp_path, size):
+    """Its mapped windows cover empty files, short ones and a window plus a few bytes."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(np.random.default_rng(size).integers(0, 256, size, np.uint8).tobytes())
+    child = hashing._ChildHashes([path])
+    assert child.result() == {str(path): _sha(path)}
+    assert child._proc.returncode == 0
+
+
+def test_a_source_cut_short_while_the_child_maps_it_is_refused(tmp_path, monkeypatch):
+    """A file truncated under the child's mapping kills it with SIGBUS: the parent hashes again
+    itself and, the file having changed, refuses it instead of recording any digest."""
+    import signal
+
+    from mmconvert.errors import CheckpointError
+
+    cut_after_first_window = (
+        "import mmap, os\n"
+        "_real, _seen = mmap.mmap, []\n"
+        "def _cutting(fd, length, **kw):\n"
+        "    window = _real(fd, length, **kw)\n"
+        "    if _seen: os.truncate(sys.argv[1], 4096)\n"
+        "    _seen.append(1)\n"
+        "    return window\n"
+        "mmap.mmap = _cutting\n")
+    script = hashing._CHILD_SCRIPT.replace("WINDOW = ", cut_after_first_window + "WINDOW = ")
+    monkeypatch.setattr(hashing, "_CHILD_SCRIPT", script)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"\x07" * (40 << 20))
+    child = hashing._ChildHashes([path])
+    with pytest.raises(CheckpointError, match="changed while it was being converted"):
+        child.result()
+    assert child._proc.returncode == -signal.SIGBUS
+
+
 def test_a_source_rewritten_during_the_conversion_is_refused(tmp_path, monkeypatch):
     """The child hashes a file at another moment than the conversion reads it: a rewrite in
     between (here in place, mtime put back; ctime still moves) fails the export instead of
