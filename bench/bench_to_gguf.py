@@ -2,8 +2,13 @@
 
 For each outtype and repeat, both converters run as fresh child processes, one after the
 other (the order alternates between repeats). Before each run: pending writes are flushed
-(``sync``) and the run's input folder is read once so both start from a warm page cache; after
-each run its output is deleted. Wall time is measured around the child; peak RSS is the
+(``sync``), the run's input folder is read once so both start from a warm page cache, and
+(``--memory settled``, the default) the bench waits until a VM's balloon has handed the free
+memory back to its host (``measure.settle_memory``): on such a VM the first touch of a page
+costs a host page fault, and writing the output into the page cache takes ~10x longer than
+into memory freed a moment before, so without the wait a run is faster when it follows one
+that freed a lot. The header prints both speeds (``measure.first_touch_probe``). After each
+run its output is deleted. Wall time is measured around the child; peak RSS is the
 kernel's high-water mark (``VmHWM``) of the largest process of the child's tree, or the
 sampled sum over the tree when larger (see ``bench/measure.py``). Times in the table are the
 minimum over the repeats (the least disturbed run; ``--stat median`` for medians), memory the
@@ -29,7 +34,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from make_checkpoint import WORK, Checkpoint, make_checkpoint, shape_args, shape_from
-from measure import Measurement, format_table, run_measured, settle, tail, warm
+from measure import (
+    Measurement,
+    first_touch_probe,
+    format_table,
+    run_measured,
+    settle,
+    settle_memory,
+    tail,
+    warm,
+)
 from peer import choose_gguf, ensure_deps, fetch_peer, peer_command, peer_env
 
 TIME_TARGET = {"f16": 1 / 4, "bf16": 1 / 4, "q8_0": 1 / 3}
@@ -43,7 +57,8 @@ def output_bytes(path: Path) -> int:
 
 
 def run_one(tool: str, outtype: str, ckpt: Checkpoint, peer_dir: Path, gguf: str,
-            ours_args: list[str], logs: Path, keep: bool = False) -> dict:
+            ours_args: list[str], logs: Path, keep: bool = False,
+            memory: str = "settled") -> dict:
     """One measured run; its output is deleted unless ``keep`` (then the caller deletes it)."""
     out = WORK / f"out-{tool}-{outtype}"
     shutil.rmtree(out, ignore_errors=True)
@@ -57,6 +72,8 @@ def run_one(tool: str, outtype: str, ckpt: Checkpoint, peer_dir: Path, gguf: str
         env, source = peer_env(gguf), ckpt.hf
     settle()
     warm(source)
+    if memory == "settled":
+        settle_memory()
     log = logs / f"{tool}-{outtype}.log"
     m: Measurement = run_measured(cmd, env=env, log=log)
     size = output_bytes(out)
@@ -157,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run one side only (no ratios)")
     parser.add_argument("--ours-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for mmconvert to-gguf (repeatable)")
+    parser.add_argument("--memory", choices=["settled", "as-is"], default="settled",
+                        help="settled: before each run, wait until a VM's balloon has handed the "
+                             "free memory back to its host, so every run of either tool starts "
+                             "from the same state (no wait elsewhere); as-is: start at once, "
+                             "each run then profits from what the previous one freed [settled]")
     shape_args(parser)
     args = parser.parse_args(argv)
     outtypes = args.outtype or ["f16", "bf16", "q8_0"]
@@ -169,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"input: {ckpt.mm} / {ckpt.hf} ({ckpt.lm_bytes() / 1e9:.2f} GB of LM weights)\n"
           f"peer:  {peer_dir} with {where}", file=sys.stderr)
+    probe = first_touch_probe(WORK)
+    if probe is not None:
+        print(f"memory: {args.memory}; this VM hands free memory back to its host: page-cache "
+              f"writes {probe['settled_gbps']:.2f} GB/s into settled memory, "
+              f"{probe['recycled_gbps']:.2f} GB/s into memory just freed", file=sys.stderr)
 
     tools = [args.only] if args.only else ["ours", "peer"]
     runs, checks = [], []
@@ -176,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(args.repeat):
             keep = args.compare and k == 0 and len(tools) == 2
             for tool in (tools if k % 2 == 0 else tools[::-1]):
-                r = run_one(tool, ot, ckpt, peer_dir, gguf, args.ours_arg, logs, keep)
+                r = run_one(tool, ot, ckpt, peer_dir, gguf, args.ours_arg, logs, keep, args.memory)
                 print(f"  {tool:4} {ot:5} #{k + 1}: {r['wall_s']:6.1f} s  {r['peak_mb']:6.0f} MB  "
                       f"{r['cpu_s']:5.1f} CPU s  (rc {r['returncode']})", file=sys.stderr)
                 runs.append(r)
@@ -193,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(out, ignore_errors=True)
     rows = summarize(runs, outtypes, args.stat)
     report = json.dumps({"input": str(ckpt.root), "peer": str(peer_dir), "peer_gguf": where,
-                         "repeat": args.repeat, "stat": args.stat, "summary": rows, "compare": checks,
+                         "repeat": args.repeat, "stat": args.stat, "memory": args.memory,
+                         "first_touch": probe, "summary": rows, "compare": checks,
                          "runs": runs}, indent=2)
     if args.json == "-":
         print(report)
