@@ -321,10 +321,11 @@ def _register(tap: SourceTap, add: bool) -> None:
 
 # The hashing child: one sha256 per line for the paths in argv; it imports nothing but
 # hashlib, mmap, os and sys (Python starts in ~20 ms). It hashes through 16 MiB mapped
-# windows, not read(): hashing the page cache in place skips a copy of every byte (1.2 GB: 1.05 s instead of 1.35-1.5 s of CPU here, and the copy
-# competes with the conversion for memory bandwidth), while its RSS stays ~30 MB. A file cut
-# short meanwhile raises SIGBUS in the child, which then exits non-zero: the parent hashes
-# again itself (:meth:`_ChildHashes.result`), so a digest is never wrong.
+# windows, not read(): hashing the page cache in place skips a copy of every byte (1.2 GB:
+# 1.05 s instead of 1.35-1.5 s of CPU here, and the copy competes with the conversion for
+# memory bandwidth), while its RSS stays ~30 MB. A file cut short meanwhile raises SIGBUS in
+# the child, which then exits non-zero: the parent hashes again itself
+# (:meth:`_ChildHashes.result`), so a digest is never wrong.
 _CHILD_SCRIPT = """
 import hashlib, mmap, os, sys
 WINDOW = 16 << 20

@@ -294,6 +294,7 @@ def test_a_source_cut_short_while_the_child_maps_it_is_refused(tmp_path, monkeyp
         "    return window\n"
         "mmap.mmap = _cutting\n")
     script = hashing._CHILD_SCRIPT.replace("WINDOW = ", cut_after_first_window + "WINDOW = ")
+    assert script != hashing._CHILD_SCRIPT, "the child script no longer sets WINDOW"
     monkeypatch.setattr(hashing, "_CHILD_SCRIPT", script)
     path = tmp_path / "f.bin"
     path.write_bytes(b"\x07" * (40 << 20))
